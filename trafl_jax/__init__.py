@@ -1,0 +1,1 @@
+"""trafl_jax: TraFL post-training of masked diffusion language models in JAX."""

@@ -1,0 +1,221 @@
+"""Seeded generator, solver and checker for Countdown arithmetic problems.
+
+A problem is a multiset of small positive integers and a target; a solution is a flat expression
+`a op b op c ...` that uses every number exactly once (any order), ops in + - * /, standard
+precedence, no parentheses. All arithmetic is exact rational arithmetic; nothing is `eval`ed.
+
+This is the default training / evaluation data, so the main job needs no download.
+
+Dimension legend: none (pure Python, no arrays).
+"""
+
+import fractions
+import itertools
+import random
+import re
+from collections.abc import Sequence
+
+Fraction = fractions.Fraction
+
+OPS = ("+", "-", "*", "/")
+
+# One token per match: an integer, or any single non-space character (validated by the parser).
+_TOKEN_RE = re.compile(r"\s*(?:(\d+)|(\S))")
+
+
+def prompt_for(numbers: Sequence[int], target: int) -> str:
+  """The exact prompt string for a problem (numbers in the given order)."""
+  return f"Numbers: {' '.join(map(str, numbers))}. Target: {target}.\n"
+
+
+def _eval_flat(numbers: Sequence[int], ops: Sequence[str]) -> tuple[int, int] | None:
+  """Evaluates `n0 op0 n1 op1 n2 ...` (* and / bind tighter) as an unreduced (num, den) pair.
+
+  Plain integer pairs instead of `Fraction` because the solver evaluates every permutation x
+  operator combination for every generated problem and gcd normalisation dominated the cost.
+  """
+  total_num, total_den = 0, 1
+  term_num, term_den, sign = numbers[0], 1, 1
+  for op, n in zip(ops, numbers[1:]):
+    if op == "*":
+      term_num *= n
+    elif op == "/":
+      if n == 0:
+        return None
+      term_num, term_den = term_num * (1 if n > 0 else -1), term_den * abs(n)
+    else:
+      total_num = total_num * term_den + sign * term_num * total_den
+      total_den *= term_den
+      term_num, term_den, sign = n, 1, (1 if op == "+" else -1)
+  total_num = total_num * term_den + sign * term_num * total_den
+  return total_num, total_den * term_den
+
+
+def _format(numbers: Sequence[int], ops: Sequence[str]) -> str:
+  parts = [str(numbers[0])]
+  for op, n in zip(ops, numbers[1:]):
+    parts.append(op)
+    parts.append(str(n))
+  return "".join(parts)
+
+
+def solutions(numbers: Sequence[int], target: int) -> list[str]:
+  """All distinct flat expressions over a permutation of `numbers` that equal `target`.
+
+  Order is deterministic (permutation order, then operator order), so seeded sampling from the
+  result is reproducible.
+  """
+  numbers = [int(n) for n in numbers]
+  if not numbers:
+    return []
+  found: dict[str, None] = {}  # Insertion-ordered set.
+  seen_orders: set[tuple[int, ...]] = set()
+  for order in itertools.permutations(numbers):
+    # Repeated numbers give repeated permutations; skip them instead of re-evaluating.
+    if order in seen_orders:
+      continue
+    seen_orders.add(order)
+    for ops in itertools.product(OPS, repeat=len(numbers) - 1):
+      value = _eval_flat(order, ops)
+      if value is not None and value[0] == target * value[1]:
+        found.setdefault(_format(order, ops), None)
+  return list(found)
+
+
+def generate(
+  num_problems: int, seed: int, num_numbers: int = 3, max_number: int = 20
+) -> list[dict]:
+  """Generates `num_problems` solvable problems deterministically from `seed`.
+
+  Each problem draws `num_numbers` integers uniformly in [1, max_number], applies a random
+  permutation and random operators, and keeps the result as target if it is a positive integer.
+  The answer is drawn uniformly among all correct expressions, so it is not biased towards the
+  expression that produced the target.
+
+  Returns:
+    A list of `{"prompt": str, "answer": str, "numbers": list[int], "target": int}`.
+  """
+  if num_problems < 0:
+    raise ValueError(f"num_problems must be >= 0, got {num_problems}")
+  if num_numbers < 1:
+    raise ValueError(f"num_numbers must be >= 1, got {num_numbers}")
+  if max_number < 1:
+    raise ValueError(f"max_number must be >= 1, got {max_number}")
+  rng = random.Random(seed)
+  problems = []
+  while len(problems) < num_problems:
+    numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
+    order = rng.sample(numbers, len(numbers))
+    ops = [rng.choice(OPS) for _ in range(num_numbers - 1)]
+    value = _eval_flat(order, ops)
+    # Denominators stay positive, so the sign test on the numerator is valid.
+    if value is None or value[0] <= 0 or value[0] % value[1]:
+      continue
+    target = value[0] // value[1]
+    answer = rng.choice(solutions(numbers, target))
+    problems.append(
+      {
+        "prompt": prompt_for(numbers, target),
+        "answer": answer,
+        "numbers": numbers,
+        "target": target,
+      }
+    )
+  return problems
+
+
+def _tokenize(expr: str) -> list[str] | None:
+  """Splits into integer / operator / parenthesis tokens; None on any other character."""
+  tokens = []
+  pos = 0
+  expr = expr.rstrip()
+  while pos < len(expr):
+    match = _TOKEN_RE.match(expr, pos)
+    if match is None:
+      return None
+    number, symbol = match.groups()
+    if symbol is not None and symbol not in "+-*/()":
+      return None
+    tokens.append(number if number is not None else symbol)
+    pos = match.end()
+  return tokens
+
+
+class _Parser:
+  """Recursive-descent parser: expr := term (+|- term)*; term := atom (*|/ atom)*.
+
+  atom := INT | '(' expr ')'. No unary operators: Countdown answers never need them, and
+  rejecting them keeps the grammar (and the reward) strict.
+  """
+
+  def __init__(self, tokens: list[str]):
+    self.tokens = tokens
+    self.pos = 0
+
+  def peek(self) -> str | None:
+    return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+  def take(self) -> str | None:
+    token = self.peek()
+    self.pos += 1
+    return token
+
+  def expr(self) -> Fraction:
+    value = self.term()
+    while self.peek() in ("+", "-"):
+      op = self.take()
+      rhs = self.term()
+      value = value + rhs if op == "+" else value - rhs
+    return value
+
+  def term(self) -> Fraction:
+    value = self.atom()
+    while self.peek() in ("*", "/"):
+      op = self.take()
+      rhs = self.atom()
+      if op == "*":
+        value *= rhs
+      else:
+        # ZeroDivisionError is mapped to None by the caller.
+        value /= rhs
+    return value
+
+  def atom(self) -> Fraction:
+    token = self.take()
+    if token is None:
+      raise ValueError("unexpected end of expression")
+    if token.isdigit():
+      return Fraction(int(token))
+    if token == "(":
+      value = self.expr()
+      if self.take() != ")":
+        raise ValueError("unbalanced parenthesis")
+      return value
+    raise ValueError(f"unexpected token {token!r}")
+
+
+def evaluate_expression(expr: str) -> Fraction | None:
+  """Exact value of an integer arithmetic expression, or None if malformed / divides by zero."""
+  tokens = _tokenize(expr)
+  if not tokens:
+    return None
+  parser = _Parser(tokens)
+  try:
+    value = parser.expr()
+  except (ValueError, ZeroDivisionError, RecursionError):
+    return None
+  if parser.pos != len(tokens):
+    return None
+  return value
+
+
+def is_correct(expr: str, numbers: Sequence[int], target: int) -> bool:
+  """True iff `expr` uses exactly the multiset `numbers` and evaluates to `target`."""
+  tokens = _tokenize(expr)
+  if not tokens:
+    return False
+  used = sorted(int(t) for t in tokens if t.isdigit())
+  if used != sorted(int(n) for n in numbers):
+    return False
+  value = evaluate_expression(expr)
+  return value is not None and value == target

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(variant)` in each file; shared pieces in common.py."""

@@ -1,0 +1,168 @@
+"""Shared config pieces: model size presets, the mesh and its logical-axis rules, optimizer, training.
+
+Every key the code reads exists here, so every config has it; config files only change values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Size presets. `tiny` is for tests, `mini` for the CPU default job (DESIGN section 5 sizing), `small`
+# for CPU demos and benchmarks, `1b` for GPU benchmarks, `llada_8b` is LLaDA-8B's shape.
+PRESETS = {
+  "tiny": dict(
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden=128,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "mini": dict(
+    vocab_size=128,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    mlp_hidden=384,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "small": dict(
+    vocab_size=1024,
+    d_model=384,
+    n_layers=6,
+    n_heads=6,
+    n_kv_heads=6,
+    mlp_hidden=1024,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "1b": dict(
+    vocab_size=32768,
+    d_model=2048,
+    n_layers=18,
+    n_heads=16,
+    n_kv_heads=16,
+    mlp_hidden=5632,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=500000.0,
+  ),
+  "llada_8b": dict(
+    vocab_size=126464,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=32,
+    mlp_hidden=12288,
+    mask_token_id=126336,
+    eos_token_id=126081,
+    pad_token_id=126081,
+    rope_theta=500000.0,
+  ),
+}
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+  return ml_collections.ConfigDict(
+    dict(
+      preset=preset,
+      rms_norm_eps=1e-5,
+      dtype="float32",
+      param_dtype="float32",
+      remat="none",
+      scan_layers=True,
+      **PRESETS[preset],
+    )
+  )
+
+
+def sharding_rules() -> ml_collections.ConfigDict:
+  """Logical axis -> mesh axes. Batch over data x fsdp; weights' `embed` over fsdp; the rest tensor."""
+  return ml_collections.ConfigDict(
+    dict(
+      batch=("data", "fsdp"),
+      length=None,
+      embed="fsdp",
+      vocab="tensor",
+      heads="tensor",
+      kv_heads="tensor",
+      head_dim=None,
+      mlp="tensor",
+      layers=None,
+    )
+  )
+
+
+def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config(preset)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.rules = sharding_rules()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "countdown"  # "countdown" (generated, no download) or "jsonl"
+  c.data.train_path = ""  # JSONL of prompt/answer pairs when source == "jsonl"
+  c.data.prompt_key = "prompt"
+  c.data.answer_key = "answer"
+  c.data.num_generated = 20000  # countdown problems generated into the workdir
+  c.data.countdown_numbers = 3
+  c.data.countdown_max_number = 20
+  c.data.prompt_len = 24
+  c.data.answer_len = 16
+  c.data.batch_size = 64  # global, over all processes
+  c.data.shuffle = True
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "sentencepiece"  # or "hf" (a tokenizer.json)
+  c.tokenizer.path = (
+    ""  # empty: train a sentencepiece model on the task's text, cached in the workdir
+  )
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.schedule = "cosine"  # or "constant"
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.1
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1500
+  c.train.t_min = 1e-3  # masking ratio t ~ U(t_min, 1)
+  c.train.log_every = 50
+  c.train.ckpt_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.init_checkpoint = ""  # params-only start when the workdir has no checkpoint
+  c.train.progress = True
+  return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
+  with c.unlocked():
+    c.model = model_config(preset)
+
+
+def parse_variant(arg: str | None, known: tuple[str, ...]) -> list[str]:
+  """`"tiny,constant"` -> ["tiny", "constant"]; unknown names are an error naming them."""
+  parts = [p for p in (arg or "").split(",") if p]
+  unknown = [p for p in parts if p not in known]
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {unknown}; known: {list(known)}")
+  return parts

@@ -1,0 +1,55 @@
+"""Math tasks. Default: masked-diffusion training of a small reference model on generated Countdown.
+
+Until the TraFL issue lands, the main job is the masked-diffusion (LLaDA SFT) training that makes
+reference models.
+
+CPU (this is the README's main command; a few minutes on 2 cores):
+  python -m trafl_jax.main --config=configs/math.py --workdir=runs/math
+Test-sized:
+  python -m trafl_jax.main --config=configs/math.py:tiny --workdir=/tmp/tiny
+Masked-diffusion SFT on GSM8K (a local JSONL with question/answer):
+  python -m trafl_jax.main --config=configs/math.py:gsm8k --workdir=runs/gsm8k \
+    --config.data.train_path=/path/to/gsm8k/train.jsonl
+GPU node (all local GPUs, bfloat16 compute):
+  python -m trafl_jax.main --config=configs/math.py:small,bf16 --workdir=runs/small
+TPU pod slice (every worker runs the same command; FSDP over the slice):
+  python -m trafl_jax.main --config=configs/math.py:small,bf16,fsdp --workdir=gs://BUCKET/runs/small
+"""
+
+from configs import common
+
+VARIANTS = ("tiny", "small", "gsm8k", "bf16", "fsdp", "constant")
+
+
+def get_config(arg: str | None = None):
+  variants = common.parse_variant(arg, VARIANTS)
+  c = common.base_config("mini")
+  if "tiny" in variants:
+    common.apply_preset(c, "tiny")
+    c.data.num_generated = 512
+    c.data.batch_size = 16
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.ckpt_every = 10
+    c.optim.warmup_steps = 5
+  if "small" in variants:
+    common.apply_preset(c, "small")
+  if "gsm8k" in variants:
+    common.apply_preset(c, "small")
+    c.data.source = "jsonl"
+    c.data.prompt_key = "question"
+    c.data.answer_key = "answer"
+    c.data.prompt_len = 256
+    c.data.answer_len = 320
+    c.data.batch_size = 16
+    c.optim.lr = 3e-4
+    c.train.num_steps = 5000
+  if "bf16" in variants:
+    c.model.dtype = "bfloat16"
+  if "fsdp" in variants:
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+  if "constant" in variants:
+    c.optim.schedule = "constant"
+  c.lock()
+  return c

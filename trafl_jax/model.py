@@ -1,0 +1,220 @@
+"""LLaDA-layout masked diffusion transformer in Flax linen.
+
+Bidirectional pre-norm transformer (OLMo/LLaDA layout) that predicts the token at every position; the
+caller decides which positions are masked. Parameter names follow LLaDA's Hugging Face checkpoints so that
+conversion is a rename and a transpose.
+
+Dimension legend:
+  B: batch            T: sequence length        D: d_model
+  N: query heads      K: key/value heads        H: head dim
+  F: MLP hidden       V: vocabulary             L: layers (stacked when scanning)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  mlp_hidden: int
+  mask_token_id: int
+  eos_token_id: int
+  pad_token_id: int = 0
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"head_dim {self.d_model // self.n_heads} must be even for RoPE")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+      if not 0 <= getattr(self, name) < self.vocab_size:
+        raise ValueError(
+          f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})"
+        )
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def num_params(self) -> int:
+    d, f, v, hd = self.d_model, self.mlp_hidden, self.vocab_size, self.head_dim
+    attn = d * d * 2 + 2 * d * self.n_kv_heads * hd
+    per_layer = attn + 3 * d * f + 2 * d
+    return self.n_layers * per_layer + 2 * v * d + d
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str) -> nn.Dense:
+  return nn.Dense(
+    features,
+    use_bias=False,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+    name=name,
+  )
+
+
+class RMSNorm(nn.Module):
+  """`w * x * rsqrt(mean(x^2) + eps)` in float32, as LLaDA computes it."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale_D = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (x_BxTxD.shape[-1],),
+      jnp.dtype(self.cfg.param_dtype),
+    )
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return (scale_D.astype(jnp.float32) * x).astype(jnp.dtype(self.cfg.dtype))
+
+
+def rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half RoPE with positions 0..T-1, in float32 (dimension i pairs with i + H/2)."""
+  t, h = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
+  inv_freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_TxH = jnp.outer(jnp.arange(t, dtype=jnp.float32), inv_freq_h)
+  angles_TxH = jnp.concatenate([angles_TxH, angles_TxH], axis=-1)[None, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(angles_TxH) + rotated * jnp.sin(angles_TxH)).astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    # 2-D kernels reshaped afterwards: >2-D logically partitioned DenseGeneral kernels fail under a mesh.
+    q_BxTxNxH = _dense(n * h, ("embed", "heads"), cfg, "q_proj")(x_BxTxD).reshape(b, t, n, h)
+    k_BxTxKxH = _dense(k * h, ("embed", "kv_heads"), cfg, "k_proj")(x_BxTxD).reshape(b, t, k, h)
+    v_BxTxKxH = _dense(k * h, ("embed", "kv_heads"), cfg, "v_proj")(x_BxTxD).reshape(b, t, k, h)
+    q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
+    k_BxTxKxH = rope(k_BxTxKxH, cfg.rope_theta)
+    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
+    # Bidirectional: padding removes keys only. Query head j reads KV head j // (N / K).
+    mask_Bx1x1xT = valid_BxT[:, None, None, :]
+    out_BxTxNxH = jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1x1xT, scale=h**-0.5
+    )
+    out_BxTxD = out_BxTxNxH.reshape(b, t, n * h)
+    return _dense(cfg.d_model, ("heads", "embed"), cfg, "attn_out")(out_BxTxD)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    gate_BxTxF = _dense(cfg.mlp_hidden, ("embed", "mlp"), cfg, "ff_proj")(x_BxTxD)
+    up_BxTxF = _dense(cfg.mlp_hidden, ("embed", "mlp"), cfg, "up_proj")(x_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
+    return _dense(cfg.d_model, ("mlp", "embed"), cfg, "ff_out")(h_BxTxF)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array):
+    cfg = self.cfg
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    h = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(cfg, name="attn")(h, valid_BxT)
+    h = RMSNorm(cfg, name="ff_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(h)
+    return x_BxTxD, None
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "dots":
+    return jax.checkpoint_policies.checkpoint_dots
+  return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+
+
+class Transformer(nn.Module):
+  """`(tokens_BxT, valid_BxT) -> logits_BxTxV` (float32), optionally with final hidden states."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, valid_BxT: jax.Array, return_hidden: bool = False):
+    cfg = self.cfg
+    embedding_VxD = self.param(
+      "wte",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model),
+      jnp.dtype(cfg.param_dtype),
+    )
+    # LLaDA does not scale embeddings; MASK is an ordinary row.
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+    valid_BxT = valid_BxT.astype(jnp.bool_)
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_BxTxD, _ = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="blocks")(x_BxTxD, valid_BxT)
+    else:
+      for i in range(cfg.n_layers):
+        x_BxTxD, _ = block(cfg, name=f"blocks_{i}")(x_BxTxD, valid_BxT)
+
+    hidden_BxTxD = RMSNorm(cfg, name="ln_f")(x_BxTxD)
+    logits_BxTxV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "ff_out")(hidden_BxTxD)
+    logits_BxTxV = nn.with_logical_constraint(
+      logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab")
+    )
+    if return_hidden:
+      return logits_BxTxV, hidden_BxTxD
+    return logits_BxTxV
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token: 2 * matmul params + attention scores and values (PaLM-style count)."""
+  d, f, hd = cfg.d_model, cfg.mlp_hidden, cfg.head_dim
+  matmul_params = cfg.n_layers * (2 * d * d + 2 * d * cfg.n_kv_heads * hd + 3 * d * f)
+  matmul_params += cfg.vocab_size * d  # output head; the embedding is a gather
+  attention = cfg.n_layers * 2 * 2 * seq_len * d
+  return 2.0 * matmul_params + attention

@@ -1,0 +1,102 @@
+"""The one mesh builder, logical-axis rules, and host-local -> global arrays.
+
+The model names logical axes only (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `layers`, and the
+activation axes `batch`, `length`, `head_dim`); a rules table from the config maps them onto the mesh
+axes `data`, `fsdp`, `tensor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves `{data, fsdp, tensor}` sizes (one may be -1 = the rest) against the device count."""
+  unknown = set(axis_sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices "
+        f"(the fixed axes multiply to {known})"
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+      f"{num_devices} are available; use -1 for one axis to take the rest"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None):
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(axis_sizes, len(devices))
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
+
+
+def rules_from_config(rules: Mapping[str, object]) -> Rules:
+  """Turns the config's `{logical: mesh axis | [axes] | None}` table into flax's rule tuple."""
+  out = []
+  for logical, mesh_axes in rules.items():
+    if mesh_axes is None or isinstance(mesh_axes, str):
+      axes = mesh_axes
+    else:
+      axes = tuple(mesh_axes)
+    for axis in (axes,) if isinstance(axes, str) else axes or ():
+      if axis not in MESH_AXES:
+        raise ValueError(f"sharding rule {logical!r} -> {axis!r}: not a mesh axis {MESH_AXES}")
+    out.append((logical, axes))
+  return tuple(out)
+
+
+def logical_to_shardings(logical_specs, mesh, rules: Rules):
+  """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh, rules: Rules) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded on the batch axes."""
+  return {
+    key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+    for key, value in local_batch.items()
+  }
+
+
+def check_divisible(shape: Sequence[int], sharding: NamedSharding, what: str) -> None:
+  """Clear error instead of XLA's when a dimension does not divide over its mesh axes."""
+  for dim, axes in zip(shape, sharding.spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else axes
+    size = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    if dim % size:
+      raise ValueError(f"{what}: dimension {dim} does not divide over mesh axes {names} ({size})")

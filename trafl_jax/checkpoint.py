@@ -49,7 +49,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {
+      "params": ocp.StandardCheckpointHandler(),
+      "train_state": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -83,7 +89,11 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 -- any orbax/JSON failure means the same thing here
       raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (config): {e}") from e
     check_compatible(saved, config, where)
-    check_shapes(self.manager.item_metadata(step)["params"], abstract_state.params, where)
+    try:
+      params_metadata = self.manager.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (params): {e}") from e
+    check_shapes(getattr(params_metadata, "tree", params_metadata), abstract_state.params, where)
     args = ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_state.params),
       train_state=ocp.args.StandardRestore(_train_state_tree(abstract_state)),

@@ -46,10 +46,16 @@ def main(argv):
     )
   from trafl_jax import checkpoint, train
 
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a config that failed to load raises here, not deep inside the run
+  except (OSError, AttributeError, ValueError) as e:
+    print(f"error: cannot load --config: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
   logging.info("workdir %s", os.path.abspath(workdir))
   try:
-    train.run(_CONFIG.value, workdir, max_steps=_MAX_STEPS.value)
+    train.run(config, workdir, max_steps=_MAX_STEPS.value)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
     # One clear line for the user; the traceback is still in the log at debug level.
     logging.debug("failed", exc_info=True)
@@ -57,6 +63,18 @@ def main(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv):
+  """Flag parsing with one clear line for a mistyped config key or a bad value (no traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    message = " ".join(str(e).replace("\\'", "'").replace("\\n", "\n").split()).strip("'\"")
+    if isinstance(e, (AttributeError, KeyError)):
+      message = "unknown config key '" + message
+    print(f"error: bad command line: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -173,6 +173,8 @@ def test_checkpoint_restore_detects_incompatible_and_corrupt_checkpoints(tmp_pat
 
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
     train_lib.run(tiny_config(**{"train.num_steps": 4, "model.d_model": 32}), workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match="batch_size"):
+    train_lib.run(tiny_config(**{"train.num_steps": 4, "data.batch_size": 8}), workdir)
 
   # Corrupt the stored parameters; the error names the checkpoint and nothing is removed.
   params_dir = os.path.join(ckpt_dir, "params")

@@ -25,10 +25,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-# Config sections that must match for a checkpoint to be resumed (a changed model cannot load the state).
-_MUST_MATCH = ("model",)
+# What must match for a checkpoint to be resumed: a changed model cannot load the state, and a changed
+# data pipeline would silently replay the wrong batches from the saved iterator position.
+# (section, None = every field except the compute-only ones below | the fields that must match)
+_MUST_MATCH = (
+  ("model", None),
+  (
+    "data",
+    (
+      "source",
+      "train_path",
+      "prompt_key",
+      "answer_key",
+      "num_generated",
+      "prompt_len",
+      "answer_len",
+      "batch_size",
+      "shuffle",
+    ),
+  ),
+)
 # Model fields that may differ on resume: they change compute, not the stored arrays.
-_MAY_DIFFER = ("dtype", "remat", "scan_layers", "rms_norm_eps", "rope_theta")
+_MAY_DIFFER = ("dtype", "remat", "scan_layers")
 
 
 class CheckpointError(RuntimeError):
@@ -115,12 +133,11 @@ def _train_state_tree(state) -> dict:
 
 
 def check_compatible(saved: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:
-  for section in _MUST_MATCH:
+  for section, fields in _MUST_MATCH:
     old, new = dict(saved.get(section, {})), dict(config.get(section, {}))
+    keys = sorted(set(old) | set(new)) if fields is None else fields
     diffs = {
-      k: (old.get(k), new.get(k))
-      for k in sorted(set(old) | set(new))
-      if k not in _MAY_DIFFER and old.get(k) != new.get(k)
+      k: (old.get(k), new.get(k)) for k in keys if k not in _MAY_DIFFER and old.get(k) != new.get(k)
     }
     if diffs:
       detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
@@ -128,6 +145,11 @@ def check_compatible(saved: Mapping[str, Any], config: Mapping[str, Any], where:
         f"checkpoint {where} is incompatible with this config ({section}: {detail}); "
         "use a new --workdir or the matching config"
       )
+  if saved.get("seed") != config.get("seed"):
+    raise CheckpointError(
+      f"checkpoint {where} was written with seed {saved.get('seed')}, the config says "
+      f"{config.get('seed')}; use a new --workdir or the matching seed"
+    )
 
 
 def _shape_of(leaf) -> tuple[int, ...] | None:

@@ -174,12 +174,22 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
-  """`(tokens_BxT, valid_BxT) -> logits_BxTxV` (float32), optionally with final hidden states."""
+  """`(tokens_BxT, valid_BxT) -> logits_BxTxV` (float32), optionally with final hidden states.
+
+  `logits_from` (static) computes logits only for positions `logits_from:` (the sampler needs the
+  completion's logits, not the prompt's: the head is the largest matmul at LLaDA's vocabulary size).
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, valid_BxT: jax.Array, return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    return_hidden: bool = False,
+    logits_from: int = 0,
+  ):
     cfg = self.cfg
     embedding_VxD = self.param(
       "wte",
@@ -208,6 +218,8 @@ class Transformer(nn.Module):
         x_BxTxD, _ = block(cfg, name=f"blocks_{i}")(x_BxTxD, valid_BxT)
 
     hidden_BxTxD = RMSNorm(cfg, name="ln_f")(x_BxTxD)
+    if logits_from:
+      hidden_BxTxD = hidden_BxTxD[:, logits_from:]
     logits_BxTxV = _dense(hidden_BxTxD, cfg.vocab_size, ("embed", "vocab"), cfg, "ff_out")
     logits_BxTxV = nn.with_logical_constraint(
       logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab")

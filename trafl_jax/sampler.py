@@ -1,0 +1,203 @@
+"""LLaDA's denoising sampler as one jitted function (DESIGN section 4).
+
+The completion region (`gen_length` positions after the left-padded prompt) starts as MASK. It is decoded in
+blocks of `block_length`, left to right; `steps` is split evenly over the blocks, and within a block the
+number of tokens committed per step is the block's size split evenly over its steps, remainder first. Each
+step runs the model over the whole sequence, samples a token at every position (Gumbel-max at
+`temperature`, argmax at 0, over the whole vocabulary as LLaDA does), scores it (`low_confidence`: its
+softmax probability; `random`: a uniform draw), and commits the top-k still-masked positions of the current
+block and earlier. Committed tokens never change.
+
+Dimension legend:
+  B: batch    P: prompt length    L: gen_length    T: P + L    V: vocabulary    S: steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from trafl_jax import sharding
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  gen_length: int = 128
+  steps: int = 64
+  block_length: int = 32
+  temperature: float = 0.0
+  remasking: str = "low_confidence"
+  cfg_scale: float = 0.0
+
+  def __post_init__(self):
+    if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
+      raise ValueError(f"sampler lengths and steps must be positive: {self}")
+    if self.gen_length % self.block_length:
+      raise ValueError(
+        f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}"
+      )
+    if self.steps % self.num_blocks:
+      raise ValueError(
+        f"steps {self.steps} does not split evenly over {self.num_blocks} blocks "
+        f"(gen_length {self.gen_length} / block_length {self.block_length})"
+      )
+    if self.steps_per_block > self.block_length:
+      raise ValueError(
+        f"{self.steps_per_block} steps per block would commit nothing at some steps of a "
+        f"{self.block_length}-token block; use steps <= gen_length"
+      )
+    if self.remasking not in REMASKING:
+      raise ValueError(f"remasking {self.remasking!r} is not one of {REMASKING}")
+    if self.temperature < 0 or self.cfg_scale < 0:
+      raise ValueError(f"temperature and cfg_scale must be >= 0: {self}")
+
+  @property
+  def num_blocks(self) -> int:
+    return self.gen_length // self.block_length
+
+  @property
+  def steps_per_block(self) -> int:
+    return self.steps // self.num_blocks
+
+
+def commit_schedule(cfg: SamplerConfig) -> np.ndarray:
+  """Tokens committed at each of the `steps` steps (LLaDA's `get_num_transfer_tokens` per block)."""
+  spb = cfg.steps_per_block
+  base, remainder = divmod(cfg.block_length, spb)
+  per_block = np.full(spb, base, np.int32)
+  per_block[:remainder] += 1
+  return np.tile(per_block, cfg.num_blocks)
+
+
+def _logits(model, params, tokens_BxT, valid_BxT, prompt_len: int, cfg: SamplerConfig, prompt_BxT):
+  """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass)."""
+  if cfg.cfg_scale > 0:
+    unconditional_BxT = jnp.where(prompt_BxT, model.cfg.mask_token_id, tokens_BxT)
+    both = jnp.concatenate([tokens_BxT, unconditional_BxT], axis=0)
+    logits = model.apply(
+      {"params": params}, both, jnp.concatenate([valid_BxT, valid_BxT]), logits_from=prompt_len
+    )
+    cond_BxLxV, uncond_BxLxV = jnp.split(logits, 2, axis=0)
+    return uncond_BxLxV + (cfg.cfg_scale + 1.0) * (cond_BxLxV - uncond_BxLxV)
+  return model.apply({"params": params}, tokens_BxT, valid_BxT, logits_from=prompt_len)
+
+
+def prepare(prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, cfg: SamplerConfig, mask_id: int):
+  """The starting sequence (prompt, then `gen_length` MASKs), its key-padding mask, and the prompt."""
+  b = prompt_BxP.shape[0]
+  length = cfg.gen_length
+  tokens_BxT = jnp.concatenate(
+    [prompt_BxP.astype(jnp.int32), jnp.full((b, length), mask_id, jnp.int32)], axis=1
+  )
+  valid_BxT = jnp.concatenate([prompt_valid_BxP.astype(bool), jnp.ones((b, length), bool)], axis=1)
+  prompt_BxT = jnp.concatenate(
+    [prompt_valid_BxP.astype(bool), jnp.zeros((b, length), bool)], axis=1
+  )
+  return tokens_BxT, valid_BxT, prompt_BxT
+
+
+def denoise_step(
+  i: jax.Array,
+  tokens_BxT: jax.Array,
+  commit_step_BxL: jax.Array,
+  *,
+  params,
+  valid_BxT: jax.Array,
+  prompt_BxT: jax.Array,
+  rng: jax.Array,
+  model: nn.Module,
+  cfg: SamplerConfig,
+) -> tuple[jax.Array, jax.Array]:
+  """One step: sample every position, commit the top-k eligible ones by confidence."""
+  b = tokens_BxT.shape[0]
+  length = cfg.gen_length
+  p = tokens_BxT.shape[1] - length
+  mask_id = model.cfg.mask_token_id
+  logits_BxLxV = _logits(model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT)
+  step_rng = jax.random.fold_in(rng, i)
+  if cfg.temperature > 0:
+    # argmax(logits / T + Gumbel) samples softmax(logits / T); LLaDA writes the same draw as
+    # exp(logits) / (-log u)^T.
+    gumbel_BxLxV = jax.random.gumbel(step_rng, logits_BxLxV.shape, jnp.float32)
+    sampled_BxL = jnp.argmax(logits_BxLxV / cfg.temperature + gumbel_BxLxV, axis=-1)
+  else:
+    sampled_BxL = jnp.argmax(logits_BxLxV, axis=-1)
+  if cfg.remasking == "low_confidence":
+    chosen_BxL = jnp.take_along_axis(logits_BxLxV, sampled_BxL[..., None], axis=-1)[..., 0]
+    confidence_BxL = jnp.exp(chosen_BxL - jax.nn.logsumexp(logits_BxLxV, axis=-1))
+  else:
+    confidence_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, length))
+  completion_BxL = tokens_BxT[:, p:]
+  # As in LLaDA, "still masked" means "holds the MASK id".
+  masked_BxL = completion_BxL == mask_id
+  block_end = (i // cfg.steps_per_block + 1) * cfg.block_length
+  eligible_BxL = masked_BxL & (jnp.arange(length) < block_end)[None, :]
+  confidence_BxL = jnp.where(eligible_BxL, confidence_BxL, -jnp.inf)
+  # Top-k by confidence with a per-step k: rank every position, commit ranks below k.
+  order_BxL = jnp.argsort(-confidence_BxL, axis=-1, stable=True)
+  rank_BxL = jnp.argsort(order_BxL, axis=-1, stable=True)
+  k = jnp.asarray(commit_schedule(cfg))[i]
+  commit_BxL = (rank_BxL < k) & eligible_BxL
+  completion_BxL = jnp.where(commit_BxL, sampled_BxL.astype(jnp.int32), completion_BxL)
+  commit_step_BxL = jnp.where(commit_BxL, i, commit_step_BxL)
+  return tokens_BxT.at[:, p:].set(completion_BxL), commit_step_BxL
+
+
+def generate(
+  params,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  rng: jax.Array,
+  *,
+  model: nn.Module,
+  cfg: SamplerConfig,
+) -> tuple[jax.Array, jax.Array]:
+  """Returns `(completion_BxL, commit_step_BxL)`: the tokens and the step that committed each."""
+  p = prompt_BxP.shape[1]
+  tokens_BxT, valid_BxT, prompt_BxT = prepare(
+    prompt_BxP, prompt_valid_BxP, cfg, model.cfg.mask_token_id
+  )
+  step = functools.partial(
+    denoise_step,
+    params=params,
+    valid_BxT=valid_BxT,
+    prompt_BxT=prompt_BxT,
+    rng=rng,
+    model=model,
+    cfg=cfg,
+  )
+  init = (tokens_BxT, jnp.full(tokens_BxT[:, p:].shape, -1, jnp.int32))
+  tokens_BxT, commit_step_BxL = jax.lax.fori_loop(0, cfg.steps, lambda i, c: step(i, *c), init)
+  return tokens_BxT[:, p:], commit_step_BxL
+
+
+def make_generate_fn(model: nn.Module, cfg: SamplerConfig, mesh, rules, param_shardings):
+  """`(params, prompt_BxP, prompt_valid_BxP, rng) -> (completion_BxL, commit_step_BxL)`, jitted once
+  per prompt shape with the batch sharded on the data axes and parameters as in training."""
+  batch = sharding.batch_sharding(mesh, rules)
+  fn = jax.jit(
+    functools.partial(generate, model=model, cfg=cfg),
+    in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
+    out_shardings=(batch, batch),
+  )
+
+  def run(params, prompt_BxP, prompt_valid_BxP, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return fn(params, prompt_BxP, prompt_valid_BxP, rng)
+
+  run.jitted = fn
+  return run
+
+
+def completion_lengths(completion_BxL: np.ndarray, eos_id: int) -> np.ndarray:
+  """Tokens up to and including the first EOS (all of them when there is none): `L_y` of DESIGN 2."""
+  is_eos_BxL = np.asarray(completion_BxL) == eos_id
+  first_B = np.where(is_eos_BxL.any(-1), is_eos_BxL.argmax(-1) + 1, is_eos_BxL.shape[-1])
+  return first_B.astype(np.int32)

@@ -13,7 +13,7 @@ import pytest
 
 from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import diffusion, metrics
+from trafl_jax import convert, diffusion, metrics
 from trafl_jax import train as train_lib
 
 from .conftest import ROOT
@@ -109,6 +109,15 @@ def test_init_checkpoint_loads_params_only(tmp_path):
   loaded, step = _params_of(target)
   assert step == 1  # a fresh optimizer/step count, not a resume
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(x, y)
+  # The same parameters through a Hugging Face LLaDA directory.
+  hf_dir = str(tmp_path / "hf")
+  convert.orbax_to_hf(source, hf_dir)
+  with config.unlocked():
+    config.train.init_checkpoint = hf_dir
+  train_lib.run(config, str(tmp_path / "from_hf"))
+  from_hf, _ = _params_of(str(tmp_path / "from_hf"))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(from_hf)):
     np.testing.assert_array_equal(x, y)
 
 

@@ -1,9 +1,11 @@
 """Benchmarks that print one JSON line.
 
   python -m trafl_jax.bench train --preset=small
+  python -m trafl_jax.bench sample --preset=small     (gen_length 256, steps 128, block 32, batch 32)
 
-`fraction_of_peak` compares the train step's model FLOP rate (forward + backward = 3x forward matmul
-FLOPs, no remat recompute counted) with a large float32 matmul timed in the same process.
+`fraction_of_peak` compares the model FLOP rate (train: forward + backward = 3x the forward FLOPs, no remat
+recompute counted; sample: one forward over the whole sequence per denoising step, head on the completion
+only) with a large matmul timed in the same process (float32; bfloat16 on accelerators for bfloat16 runs).
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import linen as nn
 
 from configs import common
 from trafl_jax import model as model_lib
-from trafl_jax import sharding
+from trafl_jax import sampler, sharding
 from trafl_jax import state as state_lib
 from trafl_jax import train as train_lib
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model size preset (configs/common.py).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row (prompt 64 + completion).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train: tokens per row (a quarter of them prompt).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "sample: prompt tokens per row.")
+_GEN_LENGTH = flags.DEFINE_integer("gen_length", 256, "sample: completion length.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 128, "sample: denoising steps.")
+_BLOCK = flags.DEFINE_integer("block_length", 32, "sample: block length.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
@@ -48,11 +55,27 @@ def matmul_peak_flops(n: int, dtype=jnp.float32) -> float:
   return 2.0 * n**3 / _best_time(lambda: mm(a, b), 5)
 
 
-def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, remat: str) -> dict:
+def _model(preset: str, dtype: str, remat: str = "none"):
   values = {k: v for k, v in common.model_config(preset).items() if k != "preset"}
   values.update(dtype=dtype, remat=remat)
   cfg = model_lib.ModelConfig(**values)
-  model = model_lib.Transformer(cfg)
+  return cfg, model_lib.Transformer(cfg)
+
+
+def _describe(bench: str, preset: str, cfg, batch: int, dtype: str) -> dict:
+  return {
+    "bench": bench,
+    "preset": preset,
+    "params": cfg.num_params(),
+    "batch": batch,
+    "dtype": dtype,
+    "devices": jax.device_count(),
+    "platform": jax.devices()[0].platform,
+  }
+
+
+def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, remat: str) -> dict:
+  cfg, model = _model(preset, dtype, remat)
   ocfg = state_lib.OptimConfig(1e-4, "constant", 0, 0.1, 0.01, 0.9, 0.99, 1e-8, 1.0, steps + 1)
   tx = state_lib.make_optimizer(ocfg)
   mesh = sharding.make_mesh({"data": -1})
@@ -80,29 +103,57 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, r
   jax.block_until_ready((state, m))
   seconds = (time.perf_counter() - start) / steps
   tokens = batch * seq_len
-  flops = 3.0 * model_lib.flops_per_token(cfg, seq_len) * tokens
-  return {
-    "bench": "train",
-    "preset": preset,
-    "params": cfg.num_params(),
-    "batch": batch,
+  flops = 3.0 * model_lib.forward_flops(cfg, batch, seq_len)
+  return _describe("train", preset, cfg, batch, dtype) | {
     "seq_len": seq_len,
-    "dtype": dtype,
     "remat": remat,
-    "devices": jax.device_count(),
-    "platform": jax.devices()[0].platform,
     "step_s": seconds,
     "tokens_per_s": tokens / seconds,
     "flops_per_s": flops / seconds,
   }
 
 
+def bench_sample(
+  preset: str, batch: int, prompt_len: int, scfg: sampler.SamplerConfig, dtype: str, repeats: int
+) -> dict:
+  """Generated tokens per second of the jitted sampler (params replicated, batch over the devices)."""
+  cfg, model = _model(preset, dtype)
+  mesh = sharding.make_mesh({"data": -1})
+  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
+  params = jax.device_put(nn.unbox(params), shardings)
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(5, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+  valid = np.ones((batch, prompt_len), bool)
+  generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings)
+  jax.block_until_ready(generate(params, prompt, valid, jax.random.PRNGKey(0)))
+  seconds = _best_time(lambda: generate(params, prompt, valid, jax.random.PRNGKey(1)), repeats)
+  seq_len = prompt_len + scfg.gen_length
+  flops = scfg.steps * model_lib.forward_flops(cfg, batch, seq_len, logits_len=scfg.gen_length)
+  return _describe("sample", preset, cfg, batch, dtype) | {
+    "prompt_len": prompt_len,
+    "gen_length": scfg.gen_length,
+    "steps": scfg.steps,
+    "block_length": scfg.block_length,
+    "call_s": seconds,
+    "tokens_per_s": batch * scfg.gen_length / seconds,
+    "flops_per_s": flops / seconds,
+  }
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("train",):
-    raise app.UsageError("usage: python -m trafl_jax.bench train [--preset=small ...]")
-  result = bench_train(
-    _PRESET.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _DTYPE.value, _REMAT.value
-  )
+  if len(argv) != 2 or argv[1] not in ("train", "sample"):
+    raise app.UsageError("usage: python -m trafl_jax.bench train|sample [--preset=small ...]")
+  if argv[1] == "train":
+    result = bench_train(
+      _PRESET.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _DTYPE.value, _REMAT.value
+    )
+  else:
+    scfg = sampler.SamplerConfig(
+      gen_length=_GEN_LENGTH.value, steps=_SAMPLE_STEPS.value, block_length=_BLOCK.value
+    )
+    result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 2)
   peak_dtype = jnp.bfloat16 if result["platform"] != "cpu" and _DTYPE.value == "bfloat16" else None
   peak = matmul_peak_flops(_MATMUL_N.value, peak_dtype or jnp.float32)
   result["matmul_peak_flops_per_s"] = peak

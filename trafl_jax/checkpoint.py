@@ -204,7 +204,18 @@ def resolve_params_dir(path: str) -> str:
 
 
 def restore_params(path: str, abstract_params):
-  """Reads parameters only (from a training checkpoint or a converted model) into given shardings."""
+  """Reads parameters only into the given shardings, from a training checkpoint, a converted model,
+  or a Hugging Face LLaDA directory (config.json + safetensors)."""
+  from trafl_jax import convert  # convert imports this module
+
+  if os.path.isdir(path) and convert.is_hf_dir(path):
+    params, _ = convert.load_hf_params(path)
+    check_shapes(params, abstract_params, path)
+    return jax.tree.map(
+      lambda x, a: jax.device_put(np.asarray(x).astype(a.dtype), a.sharding),
+      params,
+      abstract_params,
+    )
   params_dir = resolve_params_dir(path)
   checkpointer = ocp.StandardCheckpointer()
   try:

@@ -229,10 +229,14 @@ class Transformer(nn.Module):
     return logits_BxTxV
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Forward FLOPs per token: 2 * matmul params + attention scores and values (PaLM-style count)."""
+def forward_flops(
+  cfg: ModelConfig, batch: int, seq_len: int, logits_len: int | None = None
+) -> float:
+  """Forward FLOPs of one call: 2 x matmul weights per token, attention scores and values, and the
+  output head on `logits_len` positions per row (all of them by default). The embedding is a gather."""
   d, f, hd = cfg.d_model, cfg.mlp_hidden, cfg.head_dim
-  matmul_params = cfg.n_layers * (2 * d * d + 2 * d * cfg.n_kv_heads * hd + 3 * d * f)
-  matmul_params += cfg.vocab_size * d  # output head; the embedding is a gather
-  attention = cfg.n_layers * 2 * 2 * seq_len * d
-  return 2.0 * matmul_params + attention
+  layer_weights = 2 * d * d + 2 * d * cfg.n_kv_heads * hd + 3 * d * f
+  attention = 2 * 2 * seq_len * d  # QK^T and PV per token per layer
+  per_token = cfg.n_layers * (2 * layer_weights + attention)
+  head = 2 * cfg.vocab_size * d * (seq_len if logits_len is None else logits_len)
+  return float(batch) * (seq_len * per_token + head)

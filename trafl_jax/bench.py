@@ -153,7 +153,7 @@ def main(argv):
     scfg = sampler.SamplerConfig(
       gen_length=_GEN_LENGTH.value, steps=_SAMPLE_STEPS.value, block_length=_BLOCK.value
     )
-    result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 2)
+    result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 1)
   peak_dtype = jnp.bfloat16 if result["platform"] != "cpu" and _DTYPE.value == "bfloat16" else None
   peak = matmul_peak_flops(_MATMUL_N.value, peak_dtype or jnp.float32)
   result["matmul_peak_flops_per_s"] = peak

@@ -112,6 +112,11 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> list[int]:
     return [int(i) for i in self._sp.encode(text, out_type=int)]
 
+  def token_id(self, piece: str) -> int | None:
+    """The id of a piece, or None when the vocabulary lacks it."""
+    i = int(self._sp.piece_to_id(piece))
+    return i if self._sp.id_to_piece(i) == piece else None
+
   def decode(self, ids: Sequence[int]) -> str:
     # Models may emit ids past the tokenizer's vocabulary (the model vocab is padded); drop them.
     kept = [int(i) for i in ids if int(i) not in self._skip_ids and 0 <= int(i) < self.vocab_size]
@@ -188,6 +193,10 @@ class HuggingFaceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def token_id(self, piece: str) -> int | None:
+    """The id of a token (added/special tokens included), or None when the vocabulary lacks it."""
+    return self._tok.token_to_id(piece)
 
   def decode(self, ids: Sequence[int]) -> str:
     kept = [int(i) for i in ids if int(i) not in self._skip_ids and 0 <= int(i) < self.vocab_size]

@@ -1,0 +1,280 @@
+"""Generating text from a checkpoint: a small Python API and `python -m trafl_jax.sample`.
+
+  from trafl_jax import sample
+  generator = sample.Generator.load("runs/math")          # workdir, step dir, converted or HF dir
+  for c in generator.generate(["Numbers: 3 7 12. Target: 33.\\n"], gen_length=16, steps=16):
+    print(c.text)
+
+  python -m trafl_jax.sample --checkpoint=runs/math --prompt="Numbers: 3 7 12. Target: 33." \\
+    --gen_length=16 --steps=16 --block_length=16
+
+A Hugging Face `tokenizer.json` in the checkpoint directory is used as is, and its `chat_template` (from
+`tokenizer_config.json`) wraps each prompt as one user turn, as LLaDA-Instruct expects. Runs of ours use the
+sentencepiece model cached in their workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import jax
+import jinja2.sandbox
+import numpy as np
+from flax import linen as nn
+
+from configs import common
+from trafl_jax import checkpoint as ckpt_lib
+from trafl_jax import convert, data, sampler, sharding
+from trafl_jax import model as model_lib
+
+# Tokens after which a chat model's answer is over, besides the model's EOS.
+_END_OF_TURN = ("<|eot_id|>", "<|endoftext|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  prompt: str
+  text: str
+  tokens: np.ndarray  # the whole completion region, EOS fill included
+  commit_steps: np.ndarray  # the denoising step that committed each completion position
+
+
+def _read_json(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _tokenizer_dirs(path: str) -> list[str]:
+  """The checkpoint dir and, for our runs, the workdir above `checkpoints/<step>`."""
+  path = os.path.abspath(path)
+  return [path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
+
+
+def find_tokenizer(checkpoint: str, cfg: model_lib.ModelConfig, path: str | None = None):
+  """A tokenizer for `checkpoint`: `path` if given, else `tokenizer.json` or our cached spm model."""
+  ids = dict(mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+  candidates = [path] if path else []
+  for d in _tokenizer_dirs(checkpoint):
+    candidates += [os.path.join(d, "tokenizer.json"), os.path.join(d, "tokenizer", "spm.model")]
+  for candidate in candidates:
+    if candidate and os.path.isfile(candidate):
+      kind = "hf" if candidate.endswith(".json") else "sentencepiece"
+      return data.get_tokenizer(kind, candidate, "", None, cfg.vocab_size, **ids), candidate
+  raise ValueError(
+    f"no tokenizer found for {checkpoint} (looked for tokenizer.json and tokenizer/spm.model in it "
+    "and in its parent directories); pass one with --tokenizer"
+  )
+
+
+def _chat_template(tokenizer_file: str):
+  """LLaDA-Instruct's chat template and BOS token from tokenizer_config.json next to tokenizer.json."""
+  config_path = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
+  if not tokenizer_file.endswith(".json") or not os.path.isfile(config_path):
+    return None, ""
+  config = _read_json(config_path)
+  template = config.get("chat_template")
+  bos = config.get("bos_token") or ""
+  bos = bos.get("content", "") if isinstance(bos, Mapping) else bos
+  if not template:
+    return None, bos
+  # Rendered the way transformers renders chat templates: a sandbox, blocks trimmed.
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  return env.from_string(template), bos
+
+
+class Generator:
+  """A model, its parameters (sharded over the local devices) and its tokenizer, ready to sample."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, params, tokenizer, mesh, rules, tokenizer_file=""):
+    self.cfg = cfg
+    self.model = model_lib.Transformer(cfg)
+    self.params = params
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.rules = rules
+    self.param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    self.template, self.bos_token = _chat_template(tokenizer_file)
+    ends = [tokenizer.token_id(t) for t in _END_OF_TURN] + [cfg.eos_token_id]
+    self.end_ids = sorted({i for i in ends if i is not None})
+    self._fns = {}
+
+  @classmethod
+  def load(
+    cls,
+    checkpoint: str,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    mesh: Mapping[str, int] | None = None,
+  ) -> Generator:
+    """Loads any checkpoint `trafl_jax` reads: a workdir or step dir of a run, a converted directory,
+    or a Hugging Face LLaDA directory. `dtype` sets the compute dtype (default: the stored one)."""
+    if not os.path.exists(checkpoint):
+      raise ValueError(f"checkpoint {checkpoint} does not exist")
+    overrides = {"dtype": dtype} if dtype else {}
+    cfg = convert.model_config_from_dir(checkpoint, **overrides)
+    tok, tokenizer_file = find_tokenizer(checkpoint, cfg, tokenizer)
+    device_mesh = sharding.make_mesh(dict(mesh or {"data": -1}))
+    rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+    abstract = jax.eval_shape(
+      lambda: model_lib.Transformer(cfg).init(
+        jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1, 8), bool)
+      )["params"]
+    )
+    shardings = sharding.logical_to_shardings(nn.get_partition_spec(abstract), device_mesh, rules)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    params = ckpt_lib.restore_params(checkpoint, target)
+    return cls(cfg, params, tok, device_mesh, rules, tokenizer_file)
+
+  def format_prompt(self, text: str, chat: bool | None = None) -> str:
+    """Wraps `text` in the chat template when there is one (or when `chat` says so)."""
+    if chat is False or (chat is None and self.template is None):
+      return text
+    if self.template is None:
+      raise ValueError("chat formatting was asked for but the tokenizer has no chat_template")
+    messages = [{"role": "user", "content": text}]
+    return self.template.render(
+      messages=messages, add_generation_prompt=True, bos_token=self.bos_token
+    )
+
+  def _fn(self, scfg: sampler.SamplerConfig):
+    if scfg not in self._fns:
+      self._fns[scfg] = sampler.make_generate_fn(
+        self.model, scfg, self.mesh, self.rules, self.param_shardings
+      )
+    return self._fns[scfg]
+
+  def generate(
+    self,
+    prompts: Sequence[str],
+    *,
+    gen_length: int = 128,
+    steps: int = 64,
+    block_length: int = 32,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool | None = None,
+  ) -> list[Completion]:
+    scfg = sampler.SamplerConfig(
+      gen_length=gen_length,
+      steps=steps,
+      block_length=block_length,
+      temperature=temperature,
+      remasking=remasking,
+      cfg_scale=cfg_scale,
+    )
+    generate = self._fn(scfg)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    batch_size = -(-max(batch_size, 1) // shards) * shards
+    encoded = [self.tokenizer.encode(self.format_prompt(p, chat)) for p in prompts]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+      chunk = encoded[start : start + batch_size]
+      # Prompt lengths rounded up to 32 so that a stream of prompts compiles a few shapes, not one each.
+      width = -(-max(len(c) for c in chunk) // 32) * 32
+      prompt_BxP = np.full((batch_size, width), self.cfg.pad_token_id, np.int32)
+      valid_BxP = np.zeros((batch_size, width), bool)
+      for row, ids in enumerate(chunk):
+        prompt_BxP[row, width - len(ids) :] = ids
+        valid_BxP[row, width - len(ids) :] = True
+      valid_BxP[len(chunk) :, -1] = True  # filler rows: one valid position keeps attention defined
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+      tokens, commit_steps = jax.device_get(generate(self.params, prompt_BxP, valid_BxP, rng))
+      for row in range(len(chunk)):
+        out.append(self._completion(prompts[start + row], tokens[row], commit_steps[row]))
+    return out
+
+  def _completion(self, prompt: str, tokens: np.ndarray, commit_steps: np.ndarray) -> Completion:
+    ends = np.isin(tokens, self.end_ids)
+    stop = int(ends.argmax()) if ends.any() else len(tokens)
+    return Completion(prompt, self.tokenizer.decode(tokens[:stop].tolist()), tokens, commit_steps)
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per line, or JSONL with a "prompt" (or "question" / "problem") field."""
+  if not os.path.isfile(path):
+    raise ValueError(f"prompts file {path} does not exist")
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      if path.endswith(".jsonl"):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+        keys = [k for k in ("prompt", "question", "problem") if k in record]
+        if not isinstance(record, dict) or not keys:
+          raise ValueError(f"{path}, line {lineno}: no 'prompt', 'question' or 'problem' field")
+        prompts.append(str(record[keys[0]]))
+      else:
+        prompts.append(line.rstrip("\n").replace("\\n", "\n"))
+  return prompts
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags
+
+  f = flags.FLAGS
+  try:
+    prompts = list(f.prompt or []) + (read_prompts(f.prompts_file) if f.prompts_file else [])
+    if not prompts:
+      raise ValueError("give --prompt (repeatable) or --prompts_file")
+    generator = Generator.load(
+      f.checkpoint, f.tokenizer, f.dtype, {"data": -1, "fsdp": 1, "tensor": f.tensor}
+    )
+    completions = generator.generate(
+      [p.replace("\\n", "\n") for p in prompts],
+      gen_length=f.gen_length,
+      steps=f.steps,
+      block_length=f.block_length,
+      temperature=f.temperature,
+      remasking=f.remasking,
+      cfg_scale=f.cfg_scale,
+      seed=f.seed,
+      batch_size=f.batch_size,
+      chat={"auto": None, "true": True, "false": False}[f.chat],
+    )
+  except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  for i, c in enumerate(completions):
+    print(f"=== {i}: {c.prompt.strip()}\n{c.text}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("checkpoint", None, "Workdir, step dir, converted dir or HF LLaDA dir.")
+  flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable); '\\n' is a newline.")
+  flags.DEFINE_string("prompts_file", None, "Text file (one prompt a line) or JSONL.")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json or spm .model (default: found beside it).")
+  flags.DEFINE_integer("gen_length", 128, "Completion length.")
+  flags.DEFINE_integer("steps", 64, "Denoising steps.")
+  flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_enum("remasking", "low_confidence", list(sampler.REMASKING), "Remasking rule.")
+  flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call (rounded up to the devices).")
+  flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Apply the chat template.")
+  flags.DEFINE_string("dtype", None, "Compute dtype (default: the checkpoint's).")
+  flags.DEFINE_integer("tensor", 1, "Tensor-parallel degree (the rest of the devices: data).")
+  flags.mark_flag_as_required("checkpoint")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)

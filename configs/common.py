@@ -151,6 +151,21 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.init_checkpoint = ""  # params-only start when the workdir has no checkpoint
   c.train.progress = True
+
+  # Evaluation (python -m trafl_jax.evaluate): tasks x generation lengths, greedy and n samples each.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = ("countdown",)  # "task" or "task=path", e.g. "math=/data/minerva_math/test.jsonl"
+  c.eval.split = "test"
+  c.eval.limit = 200  # problems per task (0 = all)
+  c.eval.gen_lengths = (128, 256, 512)
+  c.eval.steps_per_token = 0.5  # steps = gen_length / 2
+  c.eval.block_length = 32
+  c.eval.remasking = "low_confidence"
+  c.eval.num_samples = 16  # n for pass@k, k = 1, 2, 4, ..., n
+  c.eval.temperature = 1.0
+  c.eval.batch_size = 64  # sampler rows per call
+  c.eval.problems_per_batch = 16  # problems recorded together (the unit an interrupted run redoes)
+  c.eval.seed = 0
   return c
 
 

@@ -1,5 +1,8 @@
 """Math tasks. Default: masked-diffusion training of a small reference model on generated Countdown.
 
+Evaluation (pass@k, diversity, locking) of one or more checkpoints on the config's eval grid:
+  python -m trafl_jax.evaluate --config=configs/math.py --checkpoint=runs/math
+
 Until the TraFL issue lands, the main job is the masked-diffusion (LLaDA SFT) training that makes
 reference models.
 
@@ -24,8 +27,17 @@ VARIANTS = ("tiny", "small", "gsm8k", "bf16", "fsdp", "constant")
 def get_config(arg: str | None = None):
   variants = common.parse_variant(arg, VARIANTS)
   c = common.base_config("mini")
+  # The Countdown answers are short: evaluate at the trained length and twice it, one token per step.
+  c.eval.gen_lengths = (16, 32)
+  c.eval.block_length = 16
+  c.eval.steps_per_token = 1.0
   if "tiny" in variants:
     common.apply_preset(c, "tiny")
+    c.eval.limit = 6
+    c.eval.num_samples = 4
+    c.eval.gen_lengths = (16,)
+    c.eval.batch_size = 24
+    c.eval.problems_per_batch = 3
     c.data.num_generated = 512
     c.data.batch_size = 16
     c.train.num_steps = 20
@@ -44,6 +56,11 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 16
     c.optim.lr = 3e-4
     c.train.num_steps = 5000
+    c.eval.tasks = ("gsm8k",)
+    c.eval.gen_lengths = (128, 256, 512)
+    c.eval.block_length = 32
+    c.eval.steps_per_token = 0.5
+    c.eval.temperature = 0.9
   if "bf16" in variants:
     c.model.dtype = "bfloat16"
   if "fsdp" in variants:

@@ -8,6 +8,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from trafl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and caches go.")
 _MAX_STEPS = flags.DEFINE_integer(
@@ -18,24 +20,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def _default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  variant = config_path.split(":", 1)[1].replace(",", "_") if ":" in config_path else ""
-  return os.path.join("runs", name + (f"_{variant}" if variant else ""))
-
-
-class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the console (warnings still show)."""
-
-  def filter(self, record):
-    return record.levelno >= 30 or not any(
-      lib in record.pathname for lib in ("orbax", "grain", "xla_bridge")
-    )
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_libraries()
   import jax  # after flags: XLA_FLAGS set by the caller must be read first
 
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
@@ -46,13 +33,8 @@ def main(argv):
     )
   from trafl_jax import checkpoint, train
 
-  try:
-    config = _CONFIG.value
-    config.to_dict()  # a config that failed to load raises here, not deep inside the run
-  except (OSError, AttributeError, ValueError) as e:
-    print(f"error: cannot load --config: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-  workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
+  config = cli.load_config(_CONFIG)
+  workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
   logging.info("workdir %s", os.path.abspath(workdir))
   try:
     train.run(config, workdir, max_steps=_MAX_STEPS.value)
@@ -63,18 +45,6 @@ def main(argv):
     sys.exit(1)
 
 
-def _parse_flags(argv):
-  """Flag parsing with one clear line for a mistyped config key or a bad value (no traceback)."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = " ".join(str(e).replace("\\'", "'").replace("\\n", "\n").split()).strip("'\"")
-    if isinstance(e, (AttributeError, KeyError)):
-      message = "unknown config key '" + message
-    print(f"error: bad command line: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,128 @@
+"""Evaluation: the pass@k estimator, diversity/locking metrics, reports, and an interrupted run resuming."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import math as math_config
+from trafl_jax import eval_report, evaluate
+from trafl_jax import train as train_lib
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_pass_at_k_equals_brute_force(n):
+  for c in range(n + 1):
+    samples = [True] * c + [False] * (n - c)
+    for k in range(1, n + 1):
+      subsets = list(itertools.combinations(range(n), k))
+      want = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+      assert evaluate.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+  # C(1024, 512) overflows floats; the product form does not.
+  value = evaluate.pass_at_k(1024, 3, 512)
+  assert value == pytest.approx(1 - (512 * 511 * 510) / (1024 * 1023 * 1022), rel=1e-9)
+  with pytest.raises(ValueError):
+    evaluate.pass_at_k(4, 5, 2)
+
+
+def test_ks_and_commit_entropy():
+  assert evaluate.ks_for(16) == [1, 2, 4, 8, 16]
+  assert evaluate.ks_for(12) == [1, 2, 4, 8, 12]
+  assert evaluate.ks_for(1) == [1]
+  locked = np.tile(np.arange(6), (8, 1))  # every sample commits position j at step j
+  assert evaluate.commit_entropy(locked) == 0.0
+  spread = np.stack([np.random.default_rng(i).permutation(6) for i in range(8)])
+  assert evaluate.commit_entropy(spread) > 0.5
+  half = np.array([[0, 1], [1, 0]] * 4)  # each position: two steps, equally often
+  assert evaluate.commit_entropy(half) == pytest.approx(np.log(2))
+
+
+def test_problem_record_and_summary():
+  record = evaluate.problem_record(
+    1.0,
+    [1, 0, 1, 1],
+    ["3*7+12", None, "12+3*7", "3*7+12"],
+    ["a", "b", "c", "a"],
+    np.zeros((4, 3), int),
+  )
+  assert record["c"] == 3 and record["n"] == 4
+  assert record["distinct_correct_answers"] == 2
+  assert record["distinct_correct_completions"] == 2
+  other = dict(record, greedy=0.0, c=0, distinct_correct_answers=0)
+  summary = evaluate.summarize([record, other])
+  assert summary["greedy"] == 0.5
+  assert summary["pass@1"] == pytest.approx((0.75 + 0.0) / 2)
+  assert summary["pass@4"] == pytest.approx(0.5)
+  assert summary["all_wrong"] == 0.5 and summary["distinct_correct_answers"] == 1.0
+
+
+def test_reports(tmp_path):
+  rows = [
+    {
+      "checkpoint": name,
+      "task": "countdown",
+      "gen_length": L,
+      "problems": 10,
+      "greedy": g,
+      "pass@1": g,
+      "pass@2": g + 0.1,
+      "pass@4": g + 0.2,
+      "distinct_correct_answers": 1.0,
+      "distinct_correct_completions": 1.5,
+      "commit_entropy": 0.3,
+      "all_wrong": 0.4,
+    }
+    for name, g in (("reference", 0.2), ("trafl", 0.3))
+    for L in (16, 32)
+  ]
+  eval_report.write_reports({"results": rows}, str(tmp_path), {"num_samples": 4})
+  md = (tmp_path / "eval.md").read_text()
+  assert "## countdown, gen_length 16 (10 problems)" in md
+  assert "| trafl | 0.300 | 0.300 | 0.400 | 0.500 |" in md
+  assert json.loads((tmp_path / "eval.json").read_text())["results"][0]["checkpoint"] == "reference"
+  png = (tmp_path / "passk.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_sampler_settings_follow_the_grid():
+  cfg = evaluate.eval_config(math_config.get_config("gsm8k"))
+  assert [evaluate.sampler_settings(cfg, L)["steps"] for L in (128, 256, 512)] == [64, 128, 256]
+  assert cfg.block_length == 32 and cfg.remasking == "low_confidence"
+
+
+def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
+  run_dir = str(tmp_path / "run")
+  config = math_config.get_config("tiny")
+  with config.unlocked():
+    config.train.progress = False
+  train_lib.run(config, run_dir)
+  cfg = evaluate.eval_config(config)
+  workdir = str(tmp_path / "eval")
+  first = evaluate.run(cfg, [run_dir], workdir, labels=["ref"], show_progress=False)
+  [row] = first["results"]
+  assert row["problems"] == 6 and row["task"] == "countdown" and row["gen_length"] == 16
+  assert 0.0 <= row["pass@1"] <= row["pass@2"] <= row["pass@4"] <= 1.0
+  for name in ("eval.json", "eval.md", "passk.png", evaluate.RECORDS_FILE):
+    assert os.path.exists(os.path.join(workdir, name))
+
+  # Drop the last batch's records (as if killed mid-run): only that batch is recomputed.
+  records_path = os.path.join(workdir, evaluate.RECORDS_FILE)
+  with open(records_path) as f:
+    lines = f.read().splitlines()
+  with open(records_path, "w") as f:
+    f.write("\n".join(lines[:3]) + "\n" + lines[3][:20])
+  calls = []
+  original = evaluate._evaluate_batch
+  monkeypatch.setattr(
+    evaluate,
+    "_evaluate_batch",
+    lambda g, b, *a, **k: calls.append(len(b)) or original(g, b, *a, **k),
+  )
+  second = evaluate.run(cfg, [run_dir], workdir, labels=["ref"], show_progress=False)
+  assert calls == [3]
+  assert second["results"][0]["pass@1"] == pytest.approx(row["pass@1"])  # same seeds, same samples

@@ -56,3 +56,79 @@ def masked_diffusion_loss(
 
 def apply_mask(tokens_BxT: jax.Array, masked_BxT: jax.Array, mask_token_id: int) -> jax.Array:
   return jnp.where(masked_BxT, mask_token_id, tokens_BxT)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sequence-level surrogate l(y | x) (DESIGN section 2). K: masks per sequence.
+
+SURROGATE_ESTIMATORS = ("pair", "random_t", "one_step")
+
+
+def scored_positions(completion_BxT: jax.Array, tokens_BxT: jax.Array, eos_id: int) -> jax.Array:
+  """Completion positions up to and including the first EOS (`L_y` of them); the EOS fill after it
+  is not scored."""
+  eos_BxT = (tokens_BxT == eos_id) & completion_BxT
+  # Positions strictly after the first EOS have a cumulative EOS count of at least 1 before them.
+  eos_before_BxT = jnp.cumsum(eos_BxT, axis=-1) - eos_BxT
+  return completion_BxT & (eos_before_BxT == 0)
+
+
+def surrogate_masks(
+  rng: jax.Array,
+  scored_BxT: jax.Array,
+  estimator: str,
+  num_masks: int,
+  t_min: float = 0.2,
+  t_max: float = 0.8,
+) -> jax.Array:
+  """Masks `KxBxT` over the scored positions. `pair`: K/2 coupled pairs (M, complement of M), every
+  token masked exactly once per pair; `random_t`: K independent masks; `one_step`: one mask of all of
+  them. Draw them once and share them between the policy, the old policy and the reference."""
+  b, t = scored_BxT.shape
+  if estimator == "one_step":
+    return scored_BxT[None]
+  if estimator == "pair":
+    if num_masks % 2:
+      raise ValueError(f"the pair estimator needs an even number of masks, got {num_masks}")
+    draws = num_masks // 2
+  elif estimator == "random_t":
+    draws = num_masks
+  else:
+    raise ValueError(f"surrogate estimator {estimator!r} is not one of {SURROGATE_ESTIMATORS}")
+  t_rng, u_rng = jax.random.split(rng)
+  t_Kx1x1 = jax.random.uniform(t_rng, (draws, b, 1), minval=t_min, maxval=t_max)
+  masks_KxBxT = (jax.random.uniform(u_rng, (draws, b, t)) < t_Kx1x1) & scored_BxT[None]
+  if estimator == "pair":
+    masks_KxBxT = jnp.concatenate([masks_KxBxT, ~masks_KxBxT & scored_BxT[None]], axis=0)
+  return masks_KxBxT
+
+
+def surrogate_from_log_probs(
+  token_logp_KxBxT: jax.Array,
+  masks_KxBxT: jax.Array,
+  scored_BxT: jax.Array,
+  length_normalize: bool = False,
+) -> jax.Array:
+  """`l = mean_k (L_y / |M_k|) sum_{j in M_k} log pi(y_j | x, y with M_k masked)`, per sequence.
+
+  A mask that came out empty (possible for short completions) carries no information and is left out of
+  the mean rather than counted as zero."""
+  length_B = scored_BxT.sum(-1).astype(jnp.float32)
+  size_KxB = masks_KxBxT.sum(-1).astype(jnp.float32)
+  sums_KxB = jnp.where(masks_KxBxT, token_logp_KxBxT, 0.0).sum(-1)
+  nonempty_KxB = size_KxB > 0
+  e_KxB = jnp.where(nonempty_KxB, length_B * sums_KxB / jnp.maximum(size_KxB, 1.0), 0.0)
+  l_B = e_KxB.sum(0) / jnp.maximum(nonempty_KxB.sum(0), 1)
+  if length_normalize:
+    l_B = l_B / jnp.maximum(length_B, 1.0)
+  return l_B
+
+
+def masked_token_log_probs(apply_fn, params, tokens_BxT, valid_BxT, masks_KxBxT, mask_id: int):
+  """`log pi(y_j | y with M_k masked)` at every position, for each of the K masks: `KxBxT`.
+
+  The K masked copies run as one batch of K*B rows."""
+  k, b, t = masks_KxBxT.shape
+  inputs_KBxT = apply_mask(jnp.broadcast_to(tokens_BxT, (k, b, t)), masks_KxBxT, mask_id)
+  logits = apply_fn(params, inputs_KBxT.reshape(k * b, t), jnp.tile(valid_BxT, (k, 1)))
+  return token_log_probs(logits, jnp.tile(tokens_BxT, (k, 1))).reshape(k, b, t)

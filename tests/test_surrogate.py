@@ -1,0 +1,142 @@
+"""The sequence-level surrogate l(y|x): scored positions, shared coupled masks, exactness, unbiasedness."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from trafl_jax import diffusion
+from trafl_jax import model as model_lib
+
+CFG = model_lib.ModelConfig(
+  vocab_size=32,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=4,
+  mlp_hidden=48,
+  mask_token_id=4,
+  eos_token_id=3,
+  pad_token_id=0,
+)
+MODEL = model_lib.Transformer(CFG)
+
+
+def _params(seed):
+  p = MODEL.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool))
+  return jax.tree.map(lambda x: 3.0 * x, nn.unbox(p["params"]))
+
+
+def _apply(params, tokens, valid):
+  return MODEL.apply({"params": params}, tokens, valid)
+
+
+def _batch(completion_len, eos_at=None, batch=2):
+  prompt = np.random.default_rng(0).integers(5, 32, (batch, 5))
+  completion = np.random.default_rng(1).integers(5, 32, (batch, completion_len))
+  if eos_at is not None:
+    completion[:, eos_at:] = CFG.eos_token_id
+  tokens = np.concatenate([prompt, completion], 1).astype(np.int32)
+  is_completion = np.zeros_like(tokens, bool)
+  is_completion[:, 5:] = True
+  return jnp.asarray(tokens), jnp.ones_like(tokens, bool), jnp.asarray(is_completion)
+
+
+def test_scored_positions_stop_after_the_first_eos():
+  tokens, _, completion = _batch(6, eos_at=3)
+  scored = np.asarray(diffusion.scored_positions(completion, tokens, CFG.eos_token_id))
+  assert scored[:, :5].sum() == 0 and scored[:, 5:9].all() and not scored[:, 9:].any()
+  tokens, _, completion = _batch(6)
+  assert np.asarray(diffusion.scored_positions(completion, tokens, 3))[:, 5:].all()
+
+
+def test_pair_masks_cover_each_scored_token_exactly_once():
+  tokens, _, completion = _batch(12, eos_at=9)
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  masks = np.asarray(diffusion.surrogate_masks(jax.random.PRNGKey(0), scored, "pair", 4))
+  assert masks.shape == (4, 2, 17)
+  np.testing.assert_array_equal(masks[0] ^ masks[2], np.asarray(scored))
+  np.testing.assert_array_equal(masks[0] & masks[2], False)
+  assert not (masks & ~np.asarray(scored)).any()
+  with pytest.raises(ValueError, match="even"):
+    diffusion.surrogate_masks(jax.random.PRNGKey(0), scored, "pair", 3)
+  one = np.asarray(diffusion.surrogate_masks(jax.random.PRNGKey(0), scored, "one_step", 1))
+  np.testing.assert_array_equal(one[0], np.asarray(scored))
+
+
+def _surrogate(params, tokens, valid, masks, scored):
+  logp = diffusion.masked_token_log_probs(_apply, params, tokens, valid, masks, CFG.mask_token_id)
+  return diffusion.surrogate_from_log_probs(logp, masks, scored)
+
+
+def test_shared_masks_give_zero_difference_for_equal_models():
+  tokens, valid, completion = _batch(10, eos_at=7)
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  params = _params(0)
+  for estimator, k in (("pair", 2), ("random_t", 3), ("one_step", 1)):
+    masks = diffusion.surrogate_masks(jax.random.PRNGKey(5), scored, estimator, k)
+    l_theta = _surrogate(params, tokens, valid, masks, scored)
+    l_ref = _surrogate(jax.tree.map(jnp.copy, params), tokens, valid, masks, scored)
+    np.testing.assert_array_equal(l_theta - l_ref, 0.0)
+    assert np.all(np.asarray(l_theta) < 0)
+
+
+def test_one_token_completion_is_exact():
+  tokens, valid, completion = _batch(1)
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  params = _params(1)
+  masked = tokens.at[:, 5].set(CFG.mask_token_id)
+  exact = diffusion.token_log_probs(_apply(params, masked, valid), tokens)[:, 5]
+  for seed in range(5):
+    masks = diffusion.surrogate_masks(jax.random.PRNGKey(seed), scored, "pair", 2)
+    np.testing.assert_allclose(_surrogate(params, tokens, valid, masks, scored), exact, rtol=1e-6)
+
+
+def test_two_token_estimate_is_unbiased_for_its_elbo():
+  """The Monte Carlo mean over masks equals the expectation enumerated over every mask pattern."""
+  tokens, valid, completion = _batch(2, batch=1)
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  params = _params(2)
+
+  def lp(mask_positions):
+    x = tokens
+    for j in mask_positions:
+      x = x.at[:, 5 + j].set(CFG.mask_token_id)
+    return np.asarray(diffusion.token_log_probs(_apply(params, x, valid), tokens))[0, 5:]
+
+  both, only0, only1 = lp([0, 1]), lp([0]), lp([1])
+  # t ~ U(0.2, 0.8); each token in M1 with probability t; M2 is the complement.
+  e_t2 = (0.8**3 - 0.2**3) / 3 / 0.6  # E[t^2]
+  e_t1 = 0.5
+  p_both = e_t2  # M1 = {0, 1}, M2 empty (left out)
+  p_none = 1 - 2 * e_t1 + e_t2  # M1 empty, M2 = {0, 1}
+  p_one = e_t1 - e_t2  # M1 = {0} (or {1}), M2 the other
+  l_both = both.sum()  # (2 / 2) * sum over both tokens, both masked
+  l_split = (2 * only0[0] + 2 * only1[1]) / 2
+  exact = (p_both + p_none) * l_both + 2 * p_one * l_split
+
+  draws = 4000
+  fn = jax.jit(
+    jax.vmap(
+      lambda key: _surrogate(
+        params, tokens, valid, diffusion.surrogate_masks(key, scored, "pair", 2), scored
+      )[0]
+    )
+  )
+  estimates = np.asarray(fn(jax.random.split(jax.random.PRNGKey(0), draws)))
+  stderr = estimates.std() / np.sqrt(draws)
+  assert abs(estimates.mean() - exact) < 4 * stderr + 1e-5
+  assert l_split != pytest.approx(l_both)  # the two patterns differ: the test has teeth
+
+
+def test_length_normalize_divides_by_scored_length():
+  tokens, valid, completion = _batch(8, eos_at=5)
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  masks = diffusion.surrogate_masks(jax.random.PRNGKey(1), scored, "pair", 2)
+  logp = diffusion.masked_token_log_probs(
+    _apply, _params(0), tokens, valid, masks, CFG.mask_token_id
+  )
+  raw = diffusion.surrogate_from_log_probs(logp, masks, scored)
+  normalized = diffusion.surrogate_from_log_probs(logp, masks, scored, length_normalize=True)
+  np.testing.assert_allclose(normalized, raw / 6.0, rtol=1e-6)

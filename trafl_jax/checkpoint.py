@@ -81,13 +81,16 @@ class Checkpointer:
   def save(
     self, step: int, state, iterator, config: Mapping[str, Any], force: bool = False
   ) -> None:
-    args = ocp.args.Composite(
+    """`state` has `params` and `checkpoint_tree()` (everything else that resumes); `iterator` is a
+    grain iterator or None (a run whose data position is a function of the step)."""
+    items = dict(
       params=ocp.args.StandardSave(state.params),
-      train_state=ocp.args.StandardSave(_train_state_tree(state)),
-      data=grain.checkpoint.CheckpointSave(iterator),
+      train_state=ocp.args.StandardSave(state.checkpoint_tree()),
       config=ocp.args.JsonSave(dict(config)),
     )
-    self.manager.save(step, args=args, force=force)
+    if iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -112,24 +115,18 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (params): {e}") from e
     check_shapes(getattr(params_metadata, "tree", params_metadata), abstract_state.params, where)
-    args = ocp.args.Composite(
+    items = dict(
       params=ocp.args.StandardRestore(abstract_state.params),
-      train_state=ocp.args.StandardRestore(_train_state_tree(abstract_state)),
-      data=grain.checkpoint.CheckpointRestore(iterator),
+      train_state=ocp.args.StandardRestore(abstract_state.checkpoint_tree()),
     )
+    if iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     try:
-      restored = self.manager.restore(step, args=args)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
-    ts = restored["train_state"]
-    state = abstract_state.replace(
-      step=ts["step"], params=restored["params"], opt_state=ts["opt_state"], rng=ts["rng"]
-    )
-    return state, restored["data"]
-
-
-def _train_state_tree(state) -> dict:
-  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    state = abstract_state.from_checkpoint_tree(restored["params"], restored["train_state"])
+    return state, restored["data"] if iterator is not None else None
 
 
 def check_compatible(saved: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:

@@ -23,6 +23,15 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # per-run key; steps use fold_in(rng, step) so a resumed run draws the same masks
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
+  def checkpoint_tree(self) -> dict:
+    """What a checkpoint stores besides the parameters."""
+    return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
+
+  def from_checkpoint_tree(self, params, tree) -> TrainState:
+    return self.replace(
+      params=params, step=tree["step"], opt_state=tree["opt_state"], rng=tree["rng"]
+    )
+
   def apply_gradients(self, grads) -> TrainState:
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)

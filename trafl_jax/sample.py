@@ -97,6 +97,7 @@ class Generator:
     self.mesh = mesh
     self.rules = rules
     self.param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    self.tokenizer_file = tokenizer_file
     self.template, self.bos_token = _chat_template(tokenizer_file)
     ends = [tokenizer.token_id(t) for t in _END_OF_TURN] + [cfg.eos_token_id]
     self.end_ids = sorted({i for i in ends if i is not None})
@@ -178,24 +179,35 @@ class Generator:
     out = []
     for start in range(0, len(prompts), batch_size):
       chunk = encoded[start : start + batch_size]
-      # Prompt lengths rounded up to 32 so that a stream of prompts compiles a few shapes, not one each.
-      width = -(-max(len(c) for c in chunk) // 32) * 32
-      prompt_BxP = np.full((batch_size, width), self.cfg.pad_token_id, np.int32)
-      valid_BxP = np.zeros((batch_size, width), bool)
-      for row, ids in enumerate(chunk):
-        prompt_BxP[row, width - len(ids) :] = ids
-        valid_BxP[row, width - len(ids) :] = True
-      valid_BxP[len(chunk) :, -1] = True  # filler rows: one valid position keeps attention defined
+      prompt_BxP, valid_BxP = self.pad_prompts(chunk, batch_size)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
       tokens, commit_steps = jax.device_get(generate(self.params, prompt_BxP, valid_BxP, rng))
       for row in range(len(chunk)):
         out.append(self._completion(prompts[start + row], tokens[row], commit_steps[row]))
     return out
 
-  def _completion(self, prompt: str, tokens: np.ndarray, commit_steps: np.ndarray) -> Completion:
+  def pad_prompts(self, encoded: Sequence[Sequence[int]], rows: int, width: int | None = None):
+    """Left-pads token lists into `[rows, width]` (width: the longest rounded up to 32, so a stream of
+    prompts compiles a few shapes, not one each). Filler rows get one valid position."""
+    width = width or -(-max(len(c) for c in encoded) // 32) * 32
+    if max(len(c) for c in encoded) > width:
+      raise ValueError(f"a prompt of {max(len(c) for c in encoded)} tokens does not fit in {width}")
+    prompt_BxP = np.full((rows, width), self.cfg.pad_token_id, np.int32)
+    valid_BxP = np.zeros((rows, width), bool)
+    for row, ids in enumerate(encoded):
+      prompt_BxP[row, width - len(ids) :] = ids
+      valid_BxP[row, width - len(ids) :] = True
+    valid_BxP[len(encoded) :, -1] = True  # keeps attention defined on filler rows
+    return prompt_BxP, valid_BxP
+
+  def decode(self, tokens: np.ndarray) -> str:
+    """The completion's text up to its first end token (EOS or end of turn)."""
     ends = np.isin(tokens, self.end_ids)
     stop = int(ends.argmax()) if ends.any() else len(tokens)
-    return Completion(prompt, self.tokenizer.decode(tokens[:stop].tolist()), tokens, commit_steps)
+    return self.tokenizer.decode(np.asarray(tokens[:stop]).tolist())
+
+  def _completion(self, prompt: str, tokens: np.ndarray, commit_steps: np.ndarray) -> Completion:
+    return Completion(prompt, self.decode(tokens), tokens, commit_steps)
 
 
 def read_prompts(path: str) -> list[str]:

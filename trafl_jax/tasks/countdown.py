@@ -219,3 +219,45 @@ def is_correct(expr: str, numbers: Sequence[int], target: int) -> bool:
     return False
   value = evaluate_expression(expr)
   return value is not None and value == target
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction for model completions.
+
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Countdown expressions contain no braces, so one flat group is enough.
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{([^{}]*)\}")
+_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("×", "*"), ("÷", "/"))
+_SPACED_OP_RE = re.compile(r"\s*([-+*/()])\s*")
+
+
+def extract_answer(completion: str) -> str | None:
+  """The expression a completion answers with, or None.
+
+  The last `<answer>...</answer>` if present, else the last `\\boxed{}`, else the first non-empty
+  line. LaTeX operators become `* /` and spaces around operators are dropped, so the string is a
+  canonical form for counting distinct answers; anything else (e.g. `= 33`) is kept and makes the
+  answer wrong, as the prompt format asks for the bare expression.
+  """
+  tagged = [m for m in _ANSWER_TAG_RE.findall(completion) if m.strip()]
+  text = tagged[-1] if tagged else completion
+  boxed = [m for m in _BOXED_RE.findall(text) if m.strip()]
+  if boxed:
+    answer = boxed[-1]
+  elif tagged:
+    answer = tagged[-1]
+  else:
+    lines = [line for line in completion.strip().split("\n") if line.strip()]
+    if not lines:
+      return None
+    answer = lines[0]
+  for latex, op in _LATEX_OPS:
+    answer = answer.replace(latex, op)
+  answer = _SPACED_OP_RE.sub(r"\1", answer.strip().strip("$").strip())
+  return answer or None
+
+
+def reward(completion: str, numbers: Sequence[int], target: int) -> float:
+  """1.0 iff the completion's expression uses exactly `numbers` and equals `target`, else 0.0."""
+  answer = extract_answer(completion)
+  return 1.0 if answer is not None and is_correct(answer, numbers, target) else 0.0

@@ -44,12 +44,17 @@ def test_unknown_task_lists_known_ones():
 
 def test_countdown_load_keeps_the_generator_prompt():
   problems = tasks.load("countdown", limit=5, seed=3)
-  generated = countdown.generate(5, 3)
+  generated = countdown.generate(5, 3, split="test")
   assert [p.id for p in problems] == [f"countdown/seed3/{i}" for i in range(5)]
   for problem, g in zip(problems, generated):
     assert tasks.format_prompt(problem) == countdown.prompt_for(g["numbers"], g["target"])
     assert problem.reference == {"numbers": g["numbers"], "target": g["target"]}
   assert len(tasks.load("countdown")) == 256
+  # Train and test prompts come from disjoint parts of the problem space.
+  train = {tasks.format_prompt(p) for p in tasks.load("countdown", "train", limit=3000, seed=3)}
+  test = tasks.load("countdown", "test", limit=300, seed=3)
+  assert not train & {tasks.format_prompt(p) for p in test}
+  assert all(countdown.split_of(**p.reference) == "test" for p in test)
   assert (
     tasks.load("countdown", limit=3, seed=1, num_numbers=4)[0].reference["numbers"].__len__() == 4
   )

@@ -56,7 +56,7 @@ def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[di
   """Prompt/answer pairs: generated Countdown (cached in the workdir) or a JSONL file."""
   dc = config.data
   if dc.source == "countdown":
-    path = os.path.join(workdir, "data", f"countdown_{dc.num_generated}_{config.seed}.jsonl")
+    path = os.path.join(workdir, "data", f"countdown_train_{dc.num_generated}_{config.seed}.jsonl")
     if not os.path.exists(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       problems = countdown.generate(
@@ -64,6 +64,7 @@ def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[di
         seed=config.seed,
         num_numbers=dc.countdown_numbers,
         max_number=dc.countdown_max_number,
+        split="train",
       )
       _write_jsonl_atomic(path, [{"prompt": p["prompt"], "answer": p["answer"]} for p in problems])
     return data_lib.load_jsonl(path)

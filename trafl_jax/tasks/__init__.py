@@ -65,7 +65,8 @@ def load(
   if task == "countdown":
     if path is not None:
       raise ValueError("countdown problems are generated from a seed; it takes no path")
-    generated = countdown.generate(256 if limit is None else limit, seed, **kw)
+    # Train and test come from disjoint halves of the problem space (countdown.split_of).
+    generated = countdown.generate(256 if limit is None else limit, seed, split=split, **kw)
     return [
       Problem(
         task="countdown",

@@ -10,6 +10,7 @@ Dimension legend: none (pure Python, no arrays).
 """
 
 import fractions
+import hashlib
 import itertools
 import random
 import re
@@ -82,10 +83,26 @@ def solutions(numbers: Sequence[int], target: int) -> list[str]:
   return list(found)
 
 
+TEST_FRACTION = 0.1
+
+
+def split_of(numbers: Sequence[int], target: int) -> str:
+  """ "train" or "test", a fixed partition of the problem space (by a stable hash of the sorted numbers
+  and the target), so held-out problems never appear in training data whatever the seeds."""
+  key = ",".join(map(str, sorted(numbers))) + f"->{target}"
+  bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
+  return "test" if bucket < TEST_FRACTION else "train"
+
+
 def generate(
-  num_problems: int, seed: int, num_numbers: int = 3, max_number: int = 20
+  num_problems: int,
+  seed: int,
+  num_numbers: int = 3,
+  max_number: int = 20,
+  split: str | None = None,
 ) -> list[dict]:
-  """Generates `num_problems` solvable problems deterministically from `seed`.
+  """Generates `num_problems` solvable problems deterministically from `seed`; with `split`, only
+  problems of that side of the fixed train/test partition (`split_of`).
 
   Each problem draws `num_numbers` integers uniformly in [1, max_number], applies a random
   permutation and random operators, and keeps the result as target if it is a positive integer.
@@ -101,6 +118,8 @@ def generate(
     raise ValueError(f"num_numbers must be >= 1, got {num_numbers}")
   if max_number < 1:
     raise ValueError(f"max_number must be >= 1, got {max_number}")
+  if split not in (None, "train", "test"):
+    raise ValueError(f"countdown split must be 'train' or 'test', got {split!r}")
   rng = random.Random(seed)
   problems = []
   while len(problems) < num_problems:
@@ -112,6 +131,8 @@ def generate(
     if value is None or value[0] <= 0 or value[0] % value[1]:
       continue
     target = value[0] // value[1]
+    if split is not None and split_of(numbers, target) != split:
+      continue
     answer = rng.choice(solutions(numbers, target))
     problems.append(
       {

@@ -152,6 +152,50 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.train.init_checkpoint = ""  # params-only start when the workdir has no checkpoint
   c.train.progress = True
 
+  # Post-training (TraFL and the baselines) of a reference model.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.reference = (
+    ""  # checkpoint of the reference; empty: built by masked-diffusion training first
+  )
+  c.rl.reference_dtype = "float32"  # "bfloat16" halves the frozen copy's memory
+  c.rl.task = "countdown"
+  c.rl.train_path = ""  # prompts for tasks read from files
+  c.rl.eval_path = ""
+  c.rl.train_limit = 0  # 0 = all (countdown: 256 generated)
+  c.rl.objective = "trafl"  # trafl | diffu_grpo | elbo_grpo | wd1
+  c.rl.beta = 1.0
+  c.rl.length_normalize = False
+  c.rl.estimator = "pair"  # pair | random_t | one_step
+  c.rl.num_masks = 2
+  c.rl.t_min = 0.2
+  c.rl.t_max = 0.8
+  c.rl.log_z = "mlp"  # mlp | batch_mean
+  c.rl.log_z_lr = 1e-2
+  c.rl.importance_weights = False
+  c.rl.importance_clip = 0.2
+  c.rl.clip_eps = 0.5
+  c.rl.kl_coef = 0.04
+  c.rl.prompt_mask_prob = 0.15
+  c.rl.num_inner_updates = 1
+  c.rl.prompts_per_step = 8
+  c.rl.group_size = 8
+  c.rl.gen_length = 128
+  c.rl.sample_steps = 64
+  c.rl.block_length = 32
+  c.rl.temperature = 1.0
+  c.rl.remasking = "low_confidence"
+  c.rl.lr = 1e-4
+  c.rl.warmup_steps = 0
+  c.rl.weight_decay = 0.0
+  c.rl.grad_clip = 1.0
+  c.rl.num_steps = 200
+  c.rl.log_every = 10
+  c.rl.ckpt_every = 50
+  c.rl.keep_checkpoints = 2
+  c.rl.sample_every = 50
+  c.rl.eval_every = 50
+  c.rl.eval_problems = 64
+
   # Evaluation (python -m trafl_jax.evaluate): tasks x generation lengths, greedy and n samples each.
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = ("countdown",)  # "task" or "task=path", e.g. "math=/data/minerva_math/test.jsonl"

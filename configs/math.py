@@ -31,8 +31,19 @@ def get_config(arg: str | None = None):
   c.eval.gen_lengths = (16, 32)
   c.eval.block_length = 16
   c.eval.steps_per_token = 1.0
+  c.rl.train_limit = 2000
+  c.rl.gen_length = 16
+  c.rl.sample_steps = 16
+  c.rl.block_length = 16
   if "tiny" in variants:
     common.apply_preset(c, "tiny")
+    c.rl.num_steps = 3
+    c.rl.prompts_per_step = 4
+    c.rl.group_size = 4
+    c.rl.train_limit = 64
+    c.rl.eval_every = 3
+    c.rl.eval_problems = 8
+    c.rl.ckpt_every = 2
     c.eval.limit = 6
     c.eval.num_samples = 4
     c.eval.gen_lengths = (16,)

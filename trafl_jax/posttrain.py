@@ -1,0 +1,274 @@
+"""The post-training loop for every objective: sample -> score on the host -> jitted update(s).
+
+The reference is a checkpoint (any kind `sample.Generator.load` reads); the policy starts as a copy of it.
+Prompts for step s are a pure function of (seed, s) (a fresh permutation per epoch), so a resumed run sees the
+same prompts without iterator state. Checkpoints hold the policy, the log Z head, both optimizer states and
+the RNG key; the reference is re-read from its checkpoint on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from trafl_jax import checkpoint as ckpt_lib
+from trafl_jax import metrics, objectives, rl, sample, sampler, sharding
+from trafl_jax import state as state_lib
+from trafl_jax import tasks as tasks_lib
+
+
+def objective_config(config: ml_collections.ConfigDict) -> objectives.ObjectiveConfig:
+  fields = {f.name for f in dataclasses.fields(objectives.ObjectiveConfig)}
+  return objectives.ObjectiveConfig(**{k: v for k, v in config.rl.items() if k in fields})
+
+
+def sampler_config(config: ml_collections.ConfigDict) -> sampler.SamplerConfig:
+  r = config.rl
+  return sampler.SamplerConfig(
+    gen_length=r.gen_length,
+    steps=r.sample_steps,
+    block_length=r.block_length,
+    temperature=r.temperature,
+    remasking=r.remasking,
+  )
+
+
+def _replicate(tree, mesh):
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(
+    lambda x: (
+      x
+      if isinstance(getattr(x, "sharding", None), NamedSharding) and x.ndim
+      else jax.device_put(x, replicated)
+    ),
+    tree,
+  )
+
+
+def _copy_tokenizer(tokenizer_file: str, workdir: str) -> None:
+  """The run's checkpoints load with the reference's tokenizer (sample.find_tokenizer looks here)."""
+  if tokenizer_file.endswith(".json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      src = os.path.join(os.path.dirname(tokenizer_file), name)
+      if os.path.isfile(src):
+        shutil.copy(src, os.path.join(workdir, name))
+  else:
+    os.makedirs(os.path.join(workdir, "tokenizer"), exist_ok=True)
+    shutil.copy(tokenizer_file, os.path.join(workdir, "tokenizer", "spm.model"))
+
+
+def prompt_indices(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
+  """The problems of step `step`: consecutive slices of a per-epoch permutation."""
+  start = step * per_step
+  out = []
+  while len(out) < per_step:
+    epoch, offset = divmod(start + len(out), num_problems)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
+    out.extend(perm[offset : offset + per_step - len(out)].tolist())
+  return np.asarray(out)
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, reference: str, max_steps: int | None = None
+) -> dict:
+  """Post-trains the reference at `reference` with `config.rl` into `workdir`; returns last metrics."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  r = config.rl
+  ocfg, scfg = objective_config(config), sampler_config(config)
+  mesh_axes = config.mesh.to_dict()
+  ref = sample.Generator.load(reference, mesh=mesh_axes)
+  mesh, rules, model = ref.mesh, ref.rules, ref.model
+  _copy_tokenizer(ref.tokenizer_file, workdir)
+  g = r.group_size
+  if r.prompts_per_step * g % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(
+      f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * g} rows do not divide over "
+      f"the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
+    )
+  problems = tasks_lib.load(
+    r.task, split="train", path=r.train_path or None, limit=r.train_limit or None, seed=config.seed
+  )
+  held_out = (
+    tasks_lib.load(
+      r.task, split="test", path=r.eval_path or None, limit=r.eval_problems, seed=config.seed
+    )
+    if r.eval_every
+    else []
+  )
+  encoded = [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in problems]
+  width = -(-max(len(e) for e in encoded) // 8) * 8
+
+  # The policy starts as the reference; the reference may be held in bfloat16.
+  # Casts run under jit so both are fresh buffers: the policy's are donated to the update.
+  def cast(dtype):
+    return jax.jit(
+      lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
+    )(ref.params)
+
+  params, ref_params = cast(jnp.float32), cast(jnp.dtype(r.reference_dtype))
+  ocfg_optim = state_lib.OptimConfig(
+    lr=r.lr,
+    schedule="constant",
+    warmup_steps=r.warmup_steps,
+    min_lr_ratio=1.0,
+    weight_decay=r.weight_decay,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    grad_clip=r.grad_clip,
+    total_steps=r.num_steps,
+  )
+  tx, log_z_tx = state_lib.make_optimizer(ocfg_optim), rl.log_z_optimizer(r.log_z_lr)
+  log_z = rl.init_log_z(jax.random.PRNGKey(config.seed + 1), ref.cfg.d_model, 8)
+  state = rl.RLState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    log_z=log_z,
+    opt_state=tx.init(params),
+    log_z_opt_state=log_z_tx.init(log_z),
+    rng=jax.random.PRNGKey(config.seed),
+    tx=tx,
+    log_z_tx=log_z_tx,
+  )
+  state = _replicate(state, mesh)
+
+  run_config = config.to_dict()
+  run_config["model"] = dataclasses.asdict(ref.cfg)  # the checkpoint describes the actual model
+  checkpointer = ckpt_lib.Checkpointer(workdir, r.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming post-training from %s/%d", checkpointer.directory, latest)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    state, _ = checkpointer.restore(latest, abstract, None, run_config)
+  start_step = int(jax.device_get(state.step))
+
+  generate = sampler.make_generate_fn(model, scfg, mesh, rules, ref.param_shardings)
+  greedy = sampler.make_generate_fn(
+    model, dataclasses.replace(scfg, temperature=0.0), mesh, rules, ref.param_shardings
+  )
+  prepare = jax.jit(
+    functools.partial(rl.prepare, model=model, ocfg=ocfg, num_inner=r.num_inner_updates)
+  )
+  update = jax.jit(
+    functools.partial(rl.update, model=model, ocfg=ocfg, group_size=g), donate_argnums=0
+  )
+
+  is_main = jax.process_index() == 0
+  writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start_step or None)
+  progress = metrics.Progress(r.num_steps, start_step, enabled=is_main and config.train.progress)
+  end_step = r.num_steps if max_steps is None else min(r.num_steps, start_step + max_steps)
+  rows = r.prompts_per_step * g
+  last: dict[str, float] = {}
+  step = start_step
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ckpt_lib.PreemptionHandler() as stop:
+      while step < end_step:
+        t0 = time.perf_counter()
+        idx = prompt_indices(len(problems), step, r.prompts_per_step, config.seed)
+        prompt_BxP, valid_BxP = ref.pad_prompts(
+          [encoded[i] for i in idx], r.prompts_per_step, width
+        )
+        prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step)
+        completion_NxL, _ = jax.device_get(generate(state.params, prompt_NxP, valid_NxP, key))
+        t1 = time.perf_counter()
+        texts = [ref.decode(c) for c in completion_NxL]
+        owners = [problems[i] for i in idx for _ in range(g)]
+        rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
+        t2 = time.perf_counter()
+        local = {
+          "tokens": np.concatenate([prompt_NxP, completion_NxL], 1).astype(np.int32),
+          "valid": np.concatenate([valid_NxP, np.ones(completion_NxL.shape, bool)], 1),
+          "prompt": np.concatenate([valid_NxP, np.zeros(completion_NxL.shape, bool)], 1),
+          "completion": np.concatenate(
+            [np.zeros(prompt_NxP.shape, bool), np.ones(completion_NxL.shape, bool)], 1
+          ),
+          "rewards": rewards_N,
+        }
+        batch = sharding.global_batch(local, mesh, rules)
+        if step == 0 and ocfg.objective == "trafl" and ocfg.log_z == "mlp":
+          state = state.replace(
+            log_z=_replicate(
+              rl.set_log_z_bias(state.log_z, float(ocfg.beta * rewards_N.mean())), mesh
+            )
+          )
+        prepared = prepare(state, ref_params, batch)
+        for i in range(r.num_inner_updates):
+          state, step_metrics = update(state, batch, prepared, i)
+        state = state.replace(step=state.step + 1)
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        t3 = time.perf_counter()
+        step += 1
+        metrics.check_finite(step, host)
+        host.update(
+          {
+            "time/sample_s": t1 - t0,
+            "time/score_s": t2 - t1,
+            "time/update_s": t3 - t2,
+            "perf/tokens_per_s": rows * local["tokens"].shape[1] / (t3 - t0),
+          }
+        )
+        if r.eval_every and (step % r.eval_every == 0 or step == r.num_steps):
+          host["eval/greedy"] = _greedy_accuracy(ref, greedy, state.params, held_out, width, rows)
+        writer.write_scalars(step, host)
+        if step % r.sample_every == 0 or step == 1:
+          writer.write_texts(
+            step,
+            {
+              f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} "
+              f"(reward {rewards_N[j]:.0f})"
+              for j in range(0, rows, g)
+            },
+          )
+        progress.update(step, {"reward": host["rl/reward_mean"], "loss": host["rl/loss"]})
+        if step % r.log_every == 0 or step == end_step:
+          logging.info(
+            "step %d: reward %.3f loss %.4f kl %.3f",
+            step,
+            host["rl/reward_mean"],
+            host["rl/loss"],
+            host["rl/kl_estimate"],
+          )
+        last = host
+        requested = stop.requested()
+        if step % r.ckpt_every == 0 or step == end_step or requested:
+          checkpointer.save(step, state, None, run_config)
+        if requested:
+          logging.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
+          break
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    progress.close()
+    writer.close()
+  return last
+
+
+def _greedy_accuracy(ref, greedy, params, problems, width, rows) -> float:
+  """Greedy reward on held-out prompts with the current policy (a quick signal, not the evaluation)."""
+  if not problems:
+    return 0.0
+  encoded = [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in problems]
+  width = max(width, -(-max(len(e) for e in encoded) // 8) * 8)
+  texts = []
+  for start in range(0, len(encoded), rows):
+    chunk = encoded[start : start + rows]
+    prompt, valid = ref.pad_prompts(chunk, rows, width)
+    completion, _ = jax.device_get(greedy(params, prompt, valid, jax.random.PRNGKey(0)))
+    texts += [ref.decode(c) for c in completion[: len(chunk)]]
+  return float(np.mean(tasks_lib.rewards(problems, texts)))

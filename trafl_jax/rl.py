@@ -1,0 +1,224 @@
+"""Post-training state and jitted steps, shared by TraFL and the baselines.
+
+One outer step: sample G completions per prompt (sampler) -> rewards on the host -> `prepare` draws the masks
+for every inner update and computes the old policy's and the reference's likelihoods under them (shared masks,
+no gradients) -> `update` once per inner iteration. The objective is a loss function (objectives.py) chosen by
+`ObjectiveConfig.objective`; everything else is common.
+
+Dimension legend:
+  B: prompts    G: samples per prompt    N: B*G rows    T: prompt + completion tokens
+  I: inner updates    K: masks per sequence    D: d_model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from trafl_jax import diffusion, objectives
+from trafl_jax import model as model_lib
+
+
+class RLState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any  # the policy
+  log_z: Any  # parameters of the log Z head (own optimizer; never exported with the model)
+  opt_state: Any
+  log_z_opt_state: Any
+  rng: jax.Array
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  log_z_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def checkpoint_tree(self) -> dict:
+    return {
+      "step": self.step,
+      "opt_state": self.opt_state,
+      "log_z": self.log_z,
+      "log_z_opt_state": self.log_z_opt_state,
+      "rng": self.rng,
+    }
+
+  def from_checkpoint_tree(self, params, tree) -> RLState:
+    return self.replace(params=params, **tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Names of the arrays a rollout batch holds (rows grouped by prompt: G consecutive rows each)."""
+
+  tokens: str = "tokens"  # int32 [N, T]: left-padded prompt, then the sampled completion
+  valid: str = "valid"  # bool [N, T]: False on prompt padding
+  prompt: str = "prompt"  # bool [N, T]: real prompt tokens
+  completion: str = "completion"  # bool [N, T]
+  rewards: str = "rewards"  # float32 [N]
+
+
+def log_z_optimizer(lr: float) -> optax.GradientTransformation:
+  # A larger learning rate than the policy's and no weight decay (DESIGN section 2).
+  return optax.adam(lr)
+
+
+def init_log_z(rng: jax.Array, d_model: int, seq_len: int):
+  head = objectives.LogZHead(width=d_model)
+  return head.init(rng, jnp.zeros((1, seq_len, d_model)), jnp.ones((1, seq_len), bool))["params"]
+
+
+def set_log_z_bias(log_z_params, value: float):
+  """The head starts at the first batch's mean beta * r (its output layer is zero-initialized)."""
+  out = dict(log_z_params["out"])
+  out["bias"] = jnp.full_like(out["bias"], value)
+  return {**log_z_params, "out": out}
+
+
+def _apply_fn(model: model_lib.Transformer):
+  return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
+
+
+def _one_step_inputs(rng, batch, prompt_mask_prob: float, mask_id: int):
+  """diffu-GRPO's estimator input: every completion token masked, prompt tokens masked at p."""
+  masked_prompt = jax.random.uniform(rng, batch["prompt"].shape) < prompt_mask_prob
+  masked = batch["completion"] | (masked_prompt & batch["prompt"])
+  return diffusion.apply_mask(batch["tokens"], masked, mask_id)
+
+
+def _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg):
+  """`(l_N, token_logp_NxT)`: the surrogate for TraFL / elbo_grpo / wd1, per-token log-probabilities of
+  the one-step estimator for diffu_grpo."""
+  if ocfg.objective == "diffu_grpo":
+    logits = model.apply({"params": params}, inputs_NxT, batch["valid"])
+    logp_NxT = diffusion.token_log_probs(logits, batch["tokens"])
+    return jnp.where(scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
+  logp_KxNxT = diffusion.masked_token_log_probs(
+    _apply_fn(model), params, batch["tokens"], batch["valid"], masks_KxNxT, model.cfg.mask_token_id
+  )
+  l_N = diffusion.surrogate_from_log_probs(
+    logp_KxNxT, masks_KxNxT, scored_NxT, ocfg.length_normalize
+  )
+  return l_N, jnp.zeros_like(scored_NxT, jnp.float32)
+
+
+def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
+  """Draws the masks of every inner update and scores the batch under the old policy and the reference
+  with them (no gradients). Returns a dict of `I`-stacked arrays."""
+  scored_NxT = diffusion.scored_positions(
+    batch["completion"], batch["tokens"], model.cfg.eos_token_id
+  )
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def one(i):
+    key = jax.random.fold_in(rng, i)
+    if ocfg.objective == "diffu_grpo":
+      masks = jnp.zeros((1,) + scored_NxT.shape, bool)
+      inputs = _one_step_inputs(key, batch, ocfg.prompt_mask_prob, model.cfg.mask_token_id)
+    else:
+      masks = diffusion.surrogate_masks(
+        key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
+      )
+      inputs = batch["tokens"]
+    l_old, logp_old = _likelihoods(model, state.params, batch, masks, inputs, scored_NxT, ocfg)
+    l_ref, logp_ref = _likelihoods(model, ref_params, batch, masks, inputs, scored_NxT, ocfg)
+    return {
+      "masks": masks,
+      "inputs": inputs,
+      "l_old": l_old,
+      "l_ref": l_ref,
+      "logp_old": logp_old,
+      "logp_ref": logp_ref,
+    }
+
+  per_update = [one(i) for i in range(num_inner)]
+  out = jax.tree.map(lambda *xs: jnp.stack(xs), *per_update)
+  out["scored"] = scored_NxT
+  return jax.lax.stop_gradient(out)
+
+
+def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
+  """One optimizer step on inner iteration `i`'s masks. Returns the new state and flat metrics."""
+  sel = jax.tree.map(lambda x: x[i], {k: v for k, v in prepared.items() if k != "scored"})
+  scored_NxT = prepared["scored"]
+  n = batch["rewards"].shape[0]
+  b, g = n // group_size, group_size
+  rewards_BxG = batch["rewards"].reshape(b, g)
+  length_N = scored_NxT.sum(-1).astype(jnp.float32)
+  head = objectives.LogZHead(width=model.cfg.d_model)
+  if ocfg.objective == "trafl" and ocfg.log_z == "mlp":
+    # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
+    masked_NxT = diffusion.apply_mask(batch["tokens"], batch["completion"], model.cfg.mask_token_id)
+    _, hidden = model.apply(
+      {"params": state.params}, masked_NxT[::g], batch["valid"][::g], return_hidden=True
+    )
+    hidden_BxTxD = jax.lax.stop_gradient(hidden)
+
+  def loss_fn(params, log_z_params):
+    l_theta_N, logp_NxT = _likelihoods(
+      model, params, batch, sel["masks"], sel["inputs"], scored_NxT, ocfg
+    )
+    l_theta, l_ref = l_theta_N.reshape(b, g), sel["l_ref"].reshape(b, g)
+    adv_BxG = objectives.group_advantages(rewards_BxG)
+    if ocfg.objective == "trafl":
+      if ocfg.log_z == "mlp":
+        log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, batch["prompt"][::g])
+      else:
+        log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+      weights = None
+      if ocfg.importance_weights:
+        weights = objectives.importance_weights(
+          l_theta, sel["l_old"].reshape(b, g), ocfg.importance_clip
+        )
+      loss, extra = objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+    elif ocfg.objective == "diffu_grpo":
+      loss, extra = objectives.diffu_grpo_loss(
+        logp_NxT,
+        sel["logp_old"],
+        sel["logp_ref"],
+        scored_NxT,
+        adv_BxG.reshape(n),
+        ocfg.clip_eps,
+        ocfg.kl_coef,
+      )
+    elif ocfg.objective == "elbo_grpo":
+      loss, extra = objectives.elbo_grpo_loss(
+        l_theta_N,
+        sel["l_old"],
+        sel["l_ref"],
+        length_N,
+        adv_BxG.reshape(n),
+        ocfg.clip_eps,
+        ocfg.kl_coef,
+      )
+    else:
+      loss, extra = objectives.wd1_loss(l_theta, adv_BxG)
+    extra["rl/kl_estimate"] = jnp.mean(l_theta_N - sel["l_ref"])
+    return loss, extra
+
+  (loss, metrics), (grads, log_z_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+    state.params, state.log_z
+  )
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  log_z_updates, log_z_opt_state = state.log_z_tx.update(log_z_grads, state.log_z_opt_state)
+  state = state.replace(
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    log_z=optax.apply_updates(state.log_z, log_z_updates),
+    log_z_opt_state=log_z_opt_state,
+  )
+  metrics.update(
+    {
+      "rl/loss": loss,
+      "rl/grad_norm": optax.global_norm(grads),
+      "rl/reward_mean": rewards_BxG.mean(),
+      "rl/all_correct_groups": jnp.mean(jnp.all(rewards_BxG > 0, axis=1)),
+      "rl/all_wrong_groups": jnp.mean(jnp.all(rewards_BxG <= 0, axis=1)),
+      "rl/completion_length": length_N.mean(),
+    }
+  )
+  return state, metrics
+
+
+def finish_step(state: RLState) -> RLState:
+  return state.replace(step=state.step + 1)

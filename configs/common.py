@@ -109,6 +109,9 @@ def sharding_rules() -> ml_collections.ConfigDict:
 def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # What `trafl_jax.main` runs, in order: "reference" (masked-diffusion training, skipped when
+  # rl.reference is set), "posttrain" (rl.objective), "evaluate" (reference vs policy).
+  c.stages = ("reference", "posttrain", "evaluate")
   c.model = model_config(preset)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.rules = sharding_rules()

@@ -31,13 +31,13 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  from trafl_jax import checkpoint, train
+  from trafl_jax import checkpoint, pipeline
 
   config = cli.load_config(_CONFIG)
   workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
   logging.info("workdir %s", os.path.abspath(workdir))
   try:
-    train.run(config, workdir, max_steps=_MAX_STEPS.value)
+    pipeline.run(config, workdir, max_steps=_MAX_STEPS.value)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
     # One clear line for the user; the traceback is still in the log at debug level.
     logging.debug("failed", exc_info=True)

@@ -170,7 +170,9 @@ def run(
 
   is_main = jax.process_index() == 0
   writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start_step or None)
-  progress = metrics.Progress(r.num_steps, start_step, enabled=is_main and config.train.progress)
+  progress = metrics.Progress(
+    r.num_steps, start_step, enabled=is_main and config.train.progress, desc=r.objective
+  )
   end_step = r.num_steps if max_steps is None else min(r.num_steps, start_step + max_steps)
   rows = r.prompts_per_step * g
   last: dict[str, float] = {}

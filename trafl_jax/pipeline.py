@@ -1,0 +1,69 @@
+"""The main job: reference (masked-diffusion training, unless given) -> post-training -> evaluation.
+
+Each stage works in its own subdirectory of the workdir and resumes on its own, so a rerun of an interrupted
+job redoes only what is missing:
+  <workdir>/reference/    the reference model (skipped when config.rl.reference names one)
+  <workdir>/<objective>/  the post-trained policy
+  <workdir>/eval/         eval.json, eval.md, passk.png: reference vs policy
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from trafl_jax import checkpoint as ckpt_lib
+from trafl_jax import eval_report, evaluate, posttrain, train
+
+STAGES = ("reference", "posttrain", "evaluate")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
+  stages = tuple(config.stages)
+  unknown = set(stages) - set(STAGES)
+  if unknown:
+    raise ValueError(f"config.stages has unknown stages {sorted(unknown)}; known: {STAGES}")
+  workdir = os.path.abspath(workdir)
+  reference = config.rl.reference or os.path.join(workdir, "reference")
+  policy = os.path.join(workdir, config.rl.objective)
+  out: dict = {}
+  if "reference" in stages and not config.rl.reference:
+    if _finished(reference, config.train.num_steps):
+      logging.info("reference model already trained in %s", reference)
+    else:
+      logging.info("stage 1: masked-diffusion training of the reference model in %s", reference)
+      out["reference"] = train.run(config, reference, max_steps=max_steps)
+      if not _finished(reference, config.train.num_steps):
+        return out  # stopped early (SIGTERM or --max_steps): the next run continues here
+  if "posttrain" in stages:
+    logging.info("stage 2: %s post-training in %s", config.rl.objective, policy)
+    out["posttrain"] = posttrain.run(config, policy, reference, max_steps=max_steps)
+    if not _finished(policy, config.rl.num_steps):
+      return out
+  if "evaluate" in stages:
+    logging.info("stage 3: evaluation of the reference and the policy")
+    checkpoints, labels = [reference], ["reference"]
+    if "posttrain" in stages:
+      checkpoints.append(policy)
+      labels.append(config.rl.objective)
+    summary = evaluate.run(
+      evaluate.eval_config(config),
+      checkpoints,
+      os.path.join(workdir, "eval"),
+      labels,
+      show_progress=config.train.progress and jax.process_index() == 0,
+    )
+    out["evaluate"] = summary
+    if jax.process_index() == 0:
+      print(eval_report.markdown(summary))
+      print(f"reports: {os.path.join(workdir, 'eval')}/eval.md, passk.png")
+  return out
+
+
+def _finished(run_dir: str, num_steps: int) -> bool:
+  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    return False
+  return ckpt_lib.Checkpointer(run_dir, keep=1).latest_step() == num_steps

@@ -141,10 +141,11 @@ def _main(args, **kw):
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
-  workdir = str(tmp_path / "preempt")
+  # The main job's first stage trains the reference model in <workdir>/reference.
+  workdir = str(tmp_path / "preempt" / "reference")
   args = [
     "--config=configs/math.py:tiny",
-    f"--workdir={workdir}",
+    f"--workdir={tmp_path / 'preempt'}",
     "--config.train.num_steps=100000",
     "--config.train.ckpt_every=100000",
     "--config.train.progress=False",

@@ -176,7 +176,7 @@ def test_command_line(workdir, tmp_path):
 def test_readme_python_example_runs(workdir, capsys):
   readme = (ROOT / "README.md").read_text()
   block = readme.split("```python\n", 1)[1].split("```", 1)[0]
-  exec(compile(block.replace('"runs/math"', repr(workdir)), "README.md", "exec"), {})
+  exec(compile(block.replace('"runs/math/trafl"', repr(workdir)), "README.md", "exec"), {})
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 2 and printed[0].startswith("Numbers: 3 7 12. Target: 33. ->")
   assert "commit steps: [" in printed[1]

@@ -1,0 +1,154 @@
+"""TraFL's fixed point on a problem with known probabilities, against diffu-GRPO's locking.
+
+One prompt, a one-token completion (where the surrogate is the exact log-likelihood), a vocabulary with three
+correct answers. TraFL should move the policy to `p_ref * exp(beta r) / Z`, which keeps the reference's ratios
+between the correct answers; diffu-GRPO should pile the mass onto fewer of them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from trafl_jax import diffusion, objectives, rl
+from trafl_jax import model as model_lib
+from trafl_jax import state as state_lib
+
+CFG = model_lib.ModelConfig(
+  vocab_size=16,
+  d_model=32,
+  n_layers=1,
+  n_heads=2,
+  n_kv_heads=2,
+  mlp_hidden=32,
+  mask_token_id=4,
+  eos_token_id=3,
+  pad_token_id=0,
+)
+MODEL = model_lib.Transformer(CFG)
+CORRECT = np.array([8, 9, 10])
+ANSWERS = np.arange(
+  5, 16
+)  # what the policy may answer (the rest are masked out of the toy's choice)
+BETA = 2.0
+G = 64
+PROMPT = np.array([[11, 12, 13]], np.int32)
+
+
+@jax.jit
+def _distribution_jit(params):
+  tokens = np.concatenate([PROMPT, [[CFG.mask_token_id]]], 1)
+  logits = MODEL.apply({"params": params}, tokens, np.ones_like(tokens, bool))[0, -1]
+  logits = jnp.where(jnp.isin(jnp.arange(16), ANSWERS), logits, -jnp.inf)
+  return jax.nn.softmax(logits)
+
+
+def _distribution(params):
+  return np.asarray(_distribution_jit(params), np.float64)
+
+
+def _train(objective: str, steps: int, **kw):
+  params = MODEL.init(jax.random.PRNGKey(0), PROMPT, np.ones_like(PROMPT, bool))["params"]
+  params = nn.unbox(jax.tree.map(lambda x: 2.0 * x, params))
+  # The toy's reference: the initial model restricted to ANSWERS (other tokens get no mass).
+  ref_params = params
+  ocfg = objectives.ObjectiveConfig(objective=objective, beta=BETA, **kw)
+  tx = state_lib.make_optimizer(
+    state_lib.OptimConfig(3e-3, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 10.0, steps)
+  )
+  log_z_tx = rl.log_z_optimizer(3e-2)
+  log_z = rl.init_log_z(jax.random.PRNGKey(1), CFG.d_model, 4)
+  state = rl.RLState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    log_z=log_z,
+    opt_state=tx.init(params),
+    log_z_opt_state=log_z_tx.init(log_z),
+    rng=jax.random.PRNGKey(2),
+    tx=tx,
+    log_z_tx=log_z_tx,
+  )
+  prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=1))
+  update = jax.jit(functools.partial(rl.update, model=MODEL, ocfg=ocfg, group_size=G))
+  rng = np.random.default_rng(0)
+  for step in range(steps):
+    p = _distribution(state.params)
+    answers = rng.choice(16, size=G, p=p / p.sum())
+    tokens = np.concatenate([np.repeat(PROMPT, G, 0), answers[:, None]], 1).astype(np.int32)
+    completion = np.zeros_like(tokens, bool)
+    completion[:, -1] = True
+    batch = {
+      "tokens": tokens,
+      "valid": np.ones_like(tokens, bool),
+      "prompt": ~completion,
+      "completion": completion,
+      "rewards": np.isin(answers, CORRECT).astype(np.float32),
+    }
+    if step == 0 and objective == "trafl":
+      state = state.replace(log_z=rl.set_log_z_bias(state.log_z, BETA * batch["rewards"].mean()))
+    state, metrics = update(state, batch, prepare(state, ref_params, batch), 0)
+    state = state.replace(step=state.step + 1)
+  return _distribution(ref_params), _distribution(state.params), metrics
+
+
+def _kl(p, q):
+  mask = p > 0
+  return float((p[mask] * np.log(p[mask] / q[mask])).sum())
+
+
+def _correct_entropy(p):
+  c = p[CORRECT] / p[CORRECT].sum()
+  return float(-(c * np.log(c)).sum())
+
+
+@pytest.fixture(scope="module")
+def trafl_run():
+  return _train("trafl", 300)
+
+
+def test_one_token_surrogate_is_the_exact_log_likelihood():
+  params = nn.unbox(MODEL.init(jax.random.PRNGKey(0), PROMPT, np.ones_like(PROMPT, bool))["params"])
+  tokens = np.array([[11, 12, 13, 9]], np.int32)
+  completion = np.array([[False, False, False, True]])
+  scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
+  masks = diffusion.surrogate_masks(jax.random.PRNGKey(0), scored, "pair", 2)
+  logp = diffusion.masked_token_log_probs(
+    lambda p, t, v: MODEL.apply({"params": p}, t, v),
+    params,
+    tokens,
+    np.ones_like(tokens, bool),
+    masks,
+    CFG.mask_token_id,
+  )
+  l_y = diffusion.surrogate_from_log_probs(logp, masks, scored)
+  masked = tokens.copy()
+  masked[0, -1] = CFG.mask_token_id
+  logits = MODEL.apply({"params": params}, masked, np.ones_like(masked, bool))[0, -1]
+  np.testing.assert_allclose(l_y[0], jax.nn.log_softmax(logits)[9], rtol=1e-5)
+
+
+def test_trafl_reaches_the_tilted_target(trafl_run):
+  p_ref, p_theta, metrics = trafl_run
+  target = p_ref * np.exp(BETA * np.isin(np.arange(16), CORRECT))
+  z = target.sum()
+  target /= z
+  assert _kl(target, p_ref) > 0.3  # the task is not trivial: the reference is far from the target
+  assert _kl(target, p_theta) < 0.05
+  # The reference's ratios between correct answers survive (the anti-locking property).
+  np.testing.assert_allclose(
+    p_theta[CORRECT] / p_theta[CORRECT].sum(), p_ref[CORRECT] / p_ref[CORRECT].sum(), atol=0.06
+  )
+  # The learned log Z approaches log Z = log(1 + (e^beta - 1) P_ref(correct)), inside [0, beta].
+  log_z = float(metrics["trafl/log_z_mean"])
+  assert 0.0 <= log_z <= BETA
+  assert log_z == pytest.approx(np.log(z), abs=0.15)
+
+
+def test_diffu_grpo_concentrates_on_fewer_correct_answers(trafl_run):
+  p_ref, p_trafl, _ = trafl_run
+  _, p_grpo, _ = _train("diffu_grpo", 300, clip_eps=0.5, kl_coef=0.0, prompt_mask_prob=0.0)
+  assert p_grpo[CORRECT].sum() > 0.9  # reward-maximizing: almost all mass on correct answers
+  assert _correct_entropy(p_grpo) < _correct_entropy(p_trafl) - 0.2

@@ -25,19 +25,25 @@ NO_NETWORK = sandbox.isolation() == "bwrap" or sandbox._plan(None).unshare
 NEED_ISOLATION = {"kill_parent", "kill_parent_exit", "double_fork_daemon"}
 
 
+# The fresh uids this process's runs get (see sandbox._fresh_uid): other sandboxes may run concurrently.
+_FIRST_UID = sandbox._UID_BASE + os.getpid() % 1_000_000 * 1000
+OUR_UIDS = range(_FIRST_UID, _FIRST_UID + 1000)
+
+
 def _processes(marker: str | None = None) -> list[str]:
-  """Command lines of live sandbox processes (a fresh sandbox uid, the harness) or holding `marker`."""
+  """Live processes of our sandboxes (their fresh uids, our harness children) or holding `marker`."""
   found = []
   for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
       with open(f"/proc/{pid}/cmdline", "rb") as f:
         cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
       with open(f"/proc/{pid}/stat", "rb") as f:
-        state = f.read().rsplit(b")", 1)[1].split()[0]
+        state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
       uid = os.stat(f"/proc/{pid}").st_uid
     except OSError:
       continue
-    hit = marker in cmd if marker else uid >= 2_000_000_000 or HARNESS_MARK in cmd
+    ours = HARNESS_MARK in cmd and (int(ppid) == os.getpid() or os.geteuid() != 0)
+    hit = marker in cmd if marker else uid in OUR_UIDS or ours
     if hit and state != b"Z":
       found.append(f"{pid} uid={uid}: {cmd[:100]}")
   return found

@@ -166,7 +166,7 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.eval_path = ""
   c.rl.train_limit = 0  # 0 = all (countdown: 256 generated)
   c.rl.objective = "trafl"  # trafl | diffu_grpo | elbo_grpo | wd1
-  c.rl.beta = 1.0
+  c.rl.beta = 2.0
   c.rl.length_normalize = False
   c.rl.estimator = "pair"  # pair | random_t | one_step
   c.rl.num_masks = 2

@@ -46,6 +46,14 @@ class EvalConfig:
   batch_size: int  # sampler rows per call
   problems_per_batch: int
   seed: int
+  countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
+  countdown_max_number: int = 20
+
+  def load(self, task: str, path: str | None):
+    kw = {}
+    if task == "countdown":
+      kw = dict(num_numbers=self.countdown_numbers, max_number=self.countdown_max_number)
+    return tasks_lib.load(task, split=self.split, path=path, limit=self.limit, seed=self.seed, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def evaluate_checkpoint(
   done = _read_records(records_path)
   for spec in cfg.tasks:
     task, path, task_label = _parse_task(spec)
-    problems = tasks_lib.load(task, split=cfg.split, path=path, limit=cfg.limit, seed=cfg.seed)
+    problems = cfg.load(task, path)
     for gen_length in cfg.gen_lengths:
       settings = sampler_settings(cfg, gen_length)
       for start in range(0, len(problems), cfg.problems_per_batch):
@@ -231,7 +239,7 @@ def run(
   total = 0
   for spec in cfg.tasks:
     task, path, _ = _parse_task(spec)
-    total += len(tasks_lib.load(task, split=cfg.split, path=path, limit=cfg.limit, seed=cfg.seed))
+    total += len(cfg.load(task, path))
   total *= len(cfg.gen_lengths) * len(checkpoints)
   progress = metrics.Progress(total, enabled=show_progress, desc="eval")
   done: dict[tuple, dict] = {}
@@ -284,6 +292,8 @@ def eval_config(config) -> EvalConfig:
     batch_size=e.batch_size,
     problems_per_batch=e.problems_per_batch,
     seed=e.seed,
+    countdown_numbers=config.data.countdown_numbers,
+    countdown_max_number=config.data.countdown_max_number,
   )
 
 

@@ -1,27 +1,37 @@
-"""Math tasks. Default: masked-diffusion training of a small reference model on generated Countdown.
+"""Math tasks: TraFL and the baselines on Countdown (default, CPU) and GSM8K / MATH (LLaDA-8B-Instruct).
 
-Evaluation (pass@k, diversity, locking) of one or more checkpoints on the config's eval grid:
-  python -m trafl_jax.evaluate --config=configs/math.py --checkpoint=runs/math
+The main job: (1) a reference model by masked-diffusion training on generated Countdown solutions (skipped
+when --config.rl.reference names one), (2) post-training with --config.rl.objective (trafl by default; or
+diffu_grpo, elbo_grpo, wd1), (3) evaluation of reference vs post-trained model (eval.md, passk.png).
 
-Until the TraFL issue lands, the main job is the masked-diffusion (LLaDA SFT) training that makes
-reference models.
-
-CPU (this is the README's main command; a few minutes on 2 cores):
+CPU (the README's main command; ~12 minutes on 2 cores):
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math
-Test-sized:
+A baseline on the same reference:
+  python -m trafl_jax.main --config=configs/math.py --workdir=runs/math --config.rl.objective=diffu_grpo
+Test-sized (seconds):
   python -m trafl_jax.main --config=configs/math.py:tiny --workdir=/tmp/tiny
-Masked-diffusion SFT on GSM8K (a local JSONL with question/answer):
+Evaluation of any checkpoints on this config's grid:
+  python -m trafl_jax.evaluate --config=configs/math.py --checkpoint=runs/math/reference \
+    --checkpoint=runs/math/trafl
+
+GSM8K with LLaDA-8B-Instruct (d1-like rollouts: G 6, length 256, block 32, 128 steps, temperature 0.9),
+evaluated on GSM8K, a MATH-format file and Minerva Math at lengths 128/256/512. Convert the weights first:
+  python -m trafl_jax.convert --src=/models/LLaDA-8B-Instruct --dst=/ckpt/llada8b
+GPU node (8 GPUs; FSDP over them, bfloat16 compute, bfloat16 reference):
   python -m trafl_jax.main --config=configs/math.py:gsm8k --workdir=runs/gsm8k \
-    --config.data.train_path=/path/to/gsm8k/train.jsonl
-GPU node (all local GPUs, bfloat16 compute):
-  python -m trafl_jax.main --config=configs/math.py:small,bf16 --workdir=runs/small
-TPU pod slice (every worker runs the same command; FSDP over the slice):
-  python -m trafl_jax.main --config=configs/math.py:small,bf16,fsdp --workdir=gs://BUCKET/runs/small
+    --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/gsm8k/train.jsonl \
+    --config.eval.tasks='("gsm8k=/data/gsm8k/test.jsonl","math=/data/math500.jsonl","math=/data/minerva_math/test.jsonl")'
+TPU pod slice (every worker runs the same command; checkpoints and logs to GCS):
+  python -m trafl_jax.main --config=configs/math.py:gsm8k --workdir=gs://BUCKET/runs/gsm8k \
+    --config.rl.reference=gs://BUCKET/ckpt/llada8b --config.rl.train_path=gs://BUCKET/gsm8k/train.jsonl
+Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference making, no post-training):
+  python -m trafl_jax.main --config=configs/math.py:gsm8k_sft --workdir=runs/gsm8k_sft \
+    --config.data.train_path=/data/gsm8k/train.jsonl
 """
 
 from configs import common
 
-VARIANTS = ("tiny", "small", "gsm8k", "bf16", "fsdp", "constant")
+VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_sft", "bf16", "fsdp", "constant")
 
 
 def get_config(arg: str | None = None):
@@ -63,7 +73,34 @@ def get_config(arg: str | None = None):
   if "small" in variants:
     common.apply_preset(c, "small")
   if "gsm8k" in variants:
+    # The reference is LLaDA-8B-Instruct (rl.reference); the model section follows it on load.
+    common.apply_preset(c, "llada_8b")
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.stages = ("posttrain", "evaluate")
+    c.rl.task = "gsm8k"
+    c.rl.train_limit = 0
+    c.rl.reference_dtype = "bfloat16"
+    c.rl.group_size = 6
+    c.rl.prompts_per_step = 8
+    c.rl.gen_length = 256
+    c.rl.sample_steps = 128
+    c.rl.block_length = 32
+    c.rl.temperature = 0.9
+    c.rl.lr = 3e-6
+    c.rl.num_steps = 1000
+    c.rl.eval_every = 100
+    c.rl.eval_problems = 64
+    c.eval.tasks = ("gsm8k",)
+    c.eval.gen_lengths = (128, 256, 512)
+    c.eval.block_length = 32
+    c.eval.steps_per_token = 0.5
+    c.eval.temperature = 0.9
+    c.eval.batch_size = 32
+  if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
+    c.stages = ("reference",)
     c.data.source = "jsonl"
     c.data.prompt_key = "question"
     c.data.answer_key = "answer"
@@ -72,11 +109,6 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 16
     c.optim.lr = 3e-4
     c.train.num_steps = 5000
-    c.eval.tasks = ("gsm8k",)
-    c.eval.gen_lengths = (128, 256, 512)
-    c.eval.block_length = 32
-    c.eval.steps_per_token = 0.5
-    c.eval.temperature = 0.9
   if "bf16" in variants:
     c.model.dtype = "bfloat16"
   if "fsdp" in variants:

@@ -142,3 +142,13 @@ def test_main_prints_one_clear_line_for_bad_input(tmp_path):
   assert result.returncode == 1
   assert "error:" in result.stderr and "missing.jsonl" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_post_training_without_a_reference_is_named(tmp_path):
+  from configs import code
+
+  from trafl_jax import pipeline
+
+  with pytest.raises(ValueError, match="rl.reference"):
+    pipeline.run(code.get_config("cpu"), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")

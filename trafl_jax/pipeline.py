@@ -26,6 +26,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None =
   unknown = set(stages) - set(STAGES)
   if unknown:
     raise ValueError(f"config.stages has unknown stages {sorted(unknown)}; known: {STAGES}")
+  if "reference" not in stages and not config.rl.reference:
+    raise ValueError(
+      "config.rl.reference is empty and the 'reference' stage is off: name the reference checkpoint "
+      "with --config.rl.reference=DIR (a run of ours, a converted or a Hugging Face LLaDA directory)"
+    )
   workdir = os.path.abspath(workdir)
   reference = config.rl.reference or os.path.join(workdir, "reference")
   policy = os.path.join(workdir, config.rl.objective)

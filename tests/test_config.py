@@ -146,7 +146,6 @@ def test_main_prints_one_clear_line_for_bad_input(tmp_path):
 
 def test_post_training_without_a_reference_is_named(tmp_path):
   from configs import code
-
   from trafl_jax import pipeline
 
   with pytest.raises(ValueError, match="rl.reference"):

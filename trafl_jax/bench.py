@@ -2,6 +2,8 @@
 
   python -m trafl_jax.bench train --preset=small
   python -m trafl_jax.bench sample --preset=small     (gen_length 256, steps 128, block 32, batch 32)
+  python -m trafl_jax.bench rl --preset=small --gen_length=128 --sample_steps=64
+      (one outer step per objective: sampling, scoring, update; 8 prompts x 8 samples)
 
 `fraction_of_peak` compares the model FLOP rate (train: forward + backward = 3x the forward FLOPs, no remat
 recompute counted; sample: one forward over the whole sequence per denoising step, head on the completion
@@ -10,6 +12,7 @@ only) with a large matmul timed in the same process (float32; bfloat16 on accele
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -21,8 +24,9 @@ from flax import linen as nn
 
 from configs import common
 from trafl_jax import model as model_lib
-from trafl_jax import sampler, sharding
+from trafl_jax import objectives, rl, sampler, sharding
 from trafl_jax import state as state_lib
+from trafl_jax import tasks as tasks_lib
 from trafl_jax import train as train_lib
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model size preset (configs/common.py).")
@@ -35,6 +39,10 @@ _BLOCK = flags.DEFINE_integer("block_length", 32, "sample: block length.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+_OBJECTIVE = flags.DEFINE_list("objective", list(objectives.OBJECTIVES), "rl: objectives to time.")
+_PROMPTS = flags.DEFINE_integer("prompts", 8, "rl: prompts per step.")
+_GROUP = flags.DEFINE_integer("group", 8, "rl: samples per prompt.")
+_INNER = flags.DEFINE_integer("inner_updates", 1, "rl: optimizer steps per rollout batch.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Side of the square matmul that measures peak.")
 
 
@@ -142,9 +150,119 @@ def bench_sample(
   }
 
 
+def bench_rl(
+  preset: str,
+  objective: str,
+  prompts: int,
+  group: int,
+  prompt_len: int,
+  scfg: sampler.SamplerConfig,
+  inner: int,
+) -> dict:
+  """One post-training outer step, split into sampling, scoring (the Countdown verifier on as many
+  completions) and the update(s), with random weights and prompts."""
+  cfg, model = _model(preset, "float32")
+  mesh = sharding.make_mesh({"data": -1})
+  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
+  params = jax.device_put(nn.unbox(params), shardings)
+  ref_params = jax.tree.map(jnp.copy, params)
+  ocfg = objectives.ObjectiveConfig(objective=objective)
+  tx = state_lib.make_optimizer(
+    state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
+  )
+  log_z_tx = rl.log_z_optimizer(1e-3)
+  log_z = rl.init_log_z(jax.random.PRNGKey(1), cfg.d_model, 8)
+  state = rl.RLState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    log_z=log_z,
+    opt_state=tx.init(params),
+    log_z_opt_state=log_z_tx.init(log_z),
+    rng=jax.random.PRNGKey(2),
+    tx=tx,
+    log_z_tx=log_z_tx,
+  )
+  n = prompts * group
+  rng = np.random.default_rng(0)
+  prompt = np.repeat(rng.integers(5, cfg.vocab_size, (prompts, prompt_len)), group, 0).astype(
+    np.int32
+  )
+  valid = np.ones_like(prompt, bool)
+  generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings)
+  prepare = jax.jit(functools.partial(rl.prepare, model=model, ocfg=ocfg, num_inner=inner))
+  update = jax.jit(functools.partial(rl.update, model=model, ocfg=ocfg, group_size=group))
+  problems = tasks_lib.load("countdown", limit=n)
+  texts = [f"{p.reference['numbers'][0]}+{p.reference['numbers'][1]}" for p in problems]
+  times = {"sample_s": [], "score_s": [], "update_s": []}
+  for _ in range(3):  # the first is compilation
+    t0 = time.perf_counter()
+    completion, _ = jax.device_get(generate(params, prompt, valid, jax.random.PRNGKey(3)))
+    t1 = time.perf_counter()
+    rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
+    t2 = time.perf_counter()
+    tokens = np.concatenate([prompt, completion], 1)
+    is_completion = np.zeros_like(tokens, bool)
+    is_completion[:, prompt_len:] = True
+    batch = sharding.global_batch(
+      {
+        "tokens": tokens,
+        "valid": np.ones_like(tokens, bool),
+        "prompt": ~is_completion,
+        "completion": is_completion,
+        "rewards": rewards,
+      },
+      mesh,
+      rules,
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      prepared = prepare(state, ref_params, batch)
+      for i in range(inner):
+        state, m = update(state, batch, prepared, i)
+      jax.block_until_ready(m)
+    t3 = time.perf_counter()
+    for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+      times[key].append(value)
+  out = {k: float(np.min(v[1:])) for k, v in times.items()}
+  return _describe("rl", preset, cfg, n, "float32") | {
+    "objective": objective,
+    "prompts": prompts,
+    "group": group,
+    "prompt_len": prompt_len,
+    "gen_length": scfg.gen_length,
+    "steps": scfg.steps,
+    "inner_updates": inner,
+    **out,
+    "outer_step_s": sum(out.values()),
+  }
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("train", "sample"):
-    raise app.UsageError("usage: python -m trafl_jax.bench train|sample [--preset=small ...]")
+  if len(argv) != 2 or argv[1] not in ("train", "sample", "rl"):
+    raise app.UsageError("usage: python -m trafl_jax.bench train|sample|rl [--preset=small ...]")
+  if argv[1] == "rl":
+    scfg = sampler.SamplerConfig(
+      gen_length=_GEN_LENGTH.value,
+      steps=_SAMPLE_STEPS.value,
+      block_length=_BLOCK.value,
+      temperature=1.0,
+    )
+    for objective in _OBJECTIVE.value:
+      print(
+        json.dumps(
+          bench_rl(
+            _PRESET.value,
+            objective,
+            _PROMPTS.value,
+            _GROUP.value,
+            _PROMPT_LEN.value,
+            scfg,
+            _INNER.value,
+          )
+        )
+      )
+    return
   if argv[1] == "train":
     result = bench_train(
       _PRESET.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _DTYPE.value, _REMAT.value

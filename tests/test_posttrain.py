@@ -79,6 +79,16 @@ def test_resume_is_exact(reference, tmp_path):
   np.testing.assert_array_equal(pa["ff_out"]["kernel"], pb["ff_out"]["kernel"])
 
 
+def test_prompts_follow_the_reference_data_settings():
+  config = _config()
+  with config.unlocked():
+    config.data.countdown_max_number = 6
+  for split in ("train", "test"):
+    problems = posttrain.load_problems(config, split)
+    assert len(problems) == (64 if split == "train" else 8)
+    assert max(max(p.reference["numbers"]) for p in problems) <= 6
+
+
 def test_prompt_order_is_a_function_of_the_step():
   first = posttrain.prompt_indices(10, 0, 4, seed=1)
   again = posttrain.prompt_indices(10, 0, 4, seed=1)

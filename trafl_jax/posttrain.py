@@ -69,6 +69,22 @@ def _copy_tokenizer(tokenizer_file: str, workdir: str) -> None:
     shutil.copy(tokenizer_file, os.path.join(workdir, "tokenizer", "spm.model"))
 
 
+def load_problems(config: ml_collections.ConfigDict, split: str) -> list:
+  """Training ("train") or held-out ("test") prompts of `config.rl.task`; Countdown problems are
+  generated like the reference's training data (the data section's numbers)."""
+  r = config.rl
+  kw = {}
+  if r.task == "countdown":
+    kw = dict(
+      num_numbers=config.data.countdown_numbers, max_number=config.data.countdown_max_number
+    )
+  if split == "train":
+    path, limit = r.train_path or None, r.train_limit or None
+  else:
+    path, limit = r.eval_path or None, r.eval_problems
+  return tasks_lib.load(r.task, split, path=path, limit=limit, seed=config.seed, **kw)
+
+
 def prompt_indices(num_problems: int, step: int, per_step: int, seed: int) -> np.ndarray:
   """The problems of step `step`: consecutive slices of a per-epoch permutation."""
   start = step * per_step
@@ -98,16 +114,8 @@ def run(
       f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * g} rows do not divide over "
       f"the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
     )
-  problems = tasks_lib.load(
-    r.task, split="train", path=r.train_path or None, limit=r.train_limit or None, seed=config.seed
-  )
-  held_out = (
-    tasks_lib.load(
-      r.task, split="test", path=r.eval_path or None, limit=r.eval_problems, seed=config.seed
-    )
-    if r.eval_every
-    else []
-  )
+  problems = load_problems(config, "train")
+  held_out = load_problems(config, "test") if r.eval_every else []
   encoded = [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in problems]
   width = -(-max(len(e) for e in encoded) // 8) * 8
 

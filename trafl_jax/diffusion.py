@@ -127,8 +127,11 @@ def surrogate_from_log_probs(
 def masked_token_log_probs(apply_fn, params, tokens_BxT, valid_BxT, masks_KxBxT, mask_id: int):
   """`log pi(y_j | y with M_k masked)` at every position, for each of the K masks: `KxBxT`.
 
-  The K masked copies run as one batch of K*B rows."""
+  The K masked copies run as one batch of B*K rows, batch-major, so a batch sharded over devices stays
+  sharded the same way (K-major rows would force XLA to reshuffle the batch across devices)."""
   k, b, t = masks_KxBxT.shape
-  inputs_KBxT = apply_mask(jnp.broadcast_to(tokens_BxT, (k, b, t)), masks_KxBxT, mask_id)
-  logits = apply_fn(params, inputs_KBxT.reshape(k * b, t), jnp.tile(valid_BxT, (k, 1)))
-  return token_log_probs(logits, jnp.tile(tokens_BxT, (k, 1))).reshape(k, b, t)
+  masks_BxKxT = jnp.swapaxes(masks_KxBxT, 0, 1)
+  inputs_BxKxT = apply_mask(jnp.broadcast_to(tokens_BxT[:, None], (b, k, t)), masks_BxKxT, mask_id)
+  logits = apply_fn(params, inputs_BxKxT.reshape(b * k, t), jnp.repeat(valid_BxT, k, axis=0))
+  logp_BxKxT = token_log_probs(logits, jnp.repeat(tokens_BxT, k, axis=0)).reshape(b, k, t)
+  return jnp.swapaxes(logp_BxKxT, 0, 1)

@@ -59,18 +59,7 @@ def _train(objective: str, steps: int, **kw):
   tx = state_lib.make_optimizer(
     state_lib.OptimConfig(3e-3, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 10.0, steps)
   )
-  log_z_tx = rl.log_z_optimizer(3e-2)
-  log_z = rl.init_log_z(jax.random.PRNGKey(1), CFG.d_model, 4)
-  state = rl.RLState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    log_z=log_z,
-    opt_state=tx.init(params),
-    log_z_opt_state=log_z_tx.init(log_z),
-    rng=jax.random.PRNGKey(2),
-    tx=tx,
-    log_z_tx=log_z_tx,
-  )
+  state = rl.create_state(params, tx, 3e-2, CFG.d_model, seed=1)
   prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=1))
   update = jax.jit(functools.partial(rl.update, model=MODEL, ocfg=ocfg, group_size=G))
   rng = np.random.default_rng(0)

@@ -172,18 +172,7 @@ def bench_rl(
   tx = state_lib.make_optimizer(
     state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
   )
-  log_z_tx = rl.log_z_optimizer(1e-3)
-  log_z = rl.init_log_z(jax.random.PRNGKey(1), cfg.d_model, 8)
-  state = rl.RLState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    log_z=log_z,
-    opt_state=tx.init(params),
-    log_z_opt_state=log_z_tx.init(log_z),
-    rng=jax.random.PRNGKey(2),
-    tx=tx,
-    log_z_tx=log_z_tx,
-  )
+  state = rl.create_state(params, tx, 1e-3, cfg.d_model, seed=1)
   n = prompts * group
   rng = np.random.default_rng(0)
   prompt = np.repeat(rng.integers(5, cfg.vocab_size, (prompts, prompt_len)), group, 0).astype(

@@ -139,18 +139,8 @@ def run(
     grad_clip=r.grad_clip,
     total_steps=r.num_steps,
   )
-  tx, log_z_tx = state_lib.make_optimizer(ocfg_optim), rl.log_z_optimizer(r.log_z_lr)
-  log_z = rl.init_log_z(jax.random.PRNGKey(config.seed + 1), ref.cfg.d_model, 8)
-  state = rl.RLState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    log_z=log_z,
-    opt_state=tx.init(params),
-    log_z_opt_state=log_z_tx.init(log_z),
-    rng=jax.random.PRNGKey(config.seed),
-    tx=tx,
-    log_z_tx=log_z_tx,
-  )
+  tx = state_lib.make_optimizer(ocfg_optim)
+  state = rl.create_state(params, tx, r.log_z_lr, ref.cfg.d_model, config.seed)
   state = _replicate(state, mesh)
 
   run_config = config.to_dict()

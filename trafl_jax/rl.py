@@ -68,6 +68,24 @@ def init_log_z(rng: jax.Array, d_model: int, seq_len: int):
   return head.init(rng, jnp.zeros((1, seq_len, d_model)), jnp.ones((1, seq_len), bool))["params"]
 
 
+def create_state(
+  params, tx: optax.GradientTransformation, log_z_lr: float, d_model: int, seed: int
+) -> RLState:
+  """A fresh post-training state: the policy `params`, a new log Z head, both optimizers, the RNG key."""
+  log_z_tx = log_z_optimizer(log_z_lr)
+  log_z = init_log_z(jax.random.PRNGKey(seed + 1), d_model, 8)
+  return RLState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    log_z=log_z,
+    opt_state=tx.init(params),
+    log_z_opt_state=log_z_tx.init(log_z),
+    rng=jax.random.PRNGKey(seed),
+    tx=tx,
+    log_z_tx=log_z_tx,
+  )
+
+
 def set_log_z_bias(log_z_params, value: float):
   """The head starts at the first batch's mean beta * r (its output layer is zero-initialized)."""
   out = dict(log_z_params["out"])

@@ -25,30 +25,10 @@ VARIANTS = ("cpu", "mbpp_eval")
 def get_config(arg: str | None = None):
   variants = common.parse_variant(arg, VARIANTS)
   c = common.base_config("llada_8b")
-  c.model.dtype = "bfloat16"
-  c.model.remat = "full"
-  c.mesh.data, c.mesh.fsdp = 1, -1
-  c.stages = ("posttrain", "evaluate")
-  c.rl.task = "mbpp"
-  c.rl.reference_dtype = "bfloat16"
-  c.rl.group_size = 6
-  c.rl.prompts_per_step = 8
-  c.rl.gen_length = 256
-  c.rl.sample_steps = 128
-  c.rl.block_length = 32
-  c.rl.temperature = 0.9
-  c.rl.lr = 3e-6
+  common.llada_8b_posttraining(c, "mbpp")
   c.rl.num_steps = 500
-  c.rl.eval_every = 100
-  c.rl.eval_problems = 64
   c.eval.tasks = ("humaneval",)
-  c.eval.split = "test"
   c.eval.limit = 0
-  c.eval.gen_lengths = (128, 256, 512)
-  c.eval.block_length = 32
-  c.eval.steps_per_token = 0.5
-  c.eval.temperature = 0.9
-  c.eval.batch_size = 32
   if "mbpp_eval" in variants:
     c.eval.tasks = ("humaneval", "mbpp")
   if "cpu" in variants:

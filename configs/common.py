@@ -216,6 +216,35 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   return c
 
 
+def llada_8b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
+  """Post-training a converted LLaDA-8B(-Instruct) checkpoint with d1-like rollouts (G 6, length 256,
+  block 32, 128 steps, temperature 0.9, lr 3e-6), FSDP over all devices in bfloat16, evaluated at lengths
+  128/256/512 with steps = length / 2."""
+  with c.unlocked():
+    c.model = model_config("llada_8b")
+  c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.stages = ("posttrain", "evaluate")
+  c.rl.task = task
+  c.rl.train_limit = 0
+  c.rl.reference_dtype = "bfloat16"
+  c.rl.group_size = 6
+  c.rl.prompts_per_step = 8
+  c.rl.gen_length = 256
+  c.rl.sample_steps = 128
+  c.rl.block_length = 32
+  c.rl.temperature = 0.9
+  c.rl.lr = 3e-6
+  c.rl.eval_every = 100
+  c.rl.eval_problems = 64
+  c.eval.gen_lengths = (128, 256, 512)
+  c.eval.block_length = 32
+  c.eval.steps_per_token = 0.5
+  c.eval.temperature = 0.9
+  c.eval.batch_size = 32
+
+
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   with c.unlocked():
     c.model = model_config(preset)

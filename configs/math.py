@@ -74,30 +74,9 @@ def get_config(arg: str | None = None):
     common.apply_preset(c, "small")
   if "gsm8k" in variants:
     # The reference is LLaDA-8B-Instruct (rl.reference); the model section follows it on load.
-    common.apply_preset(c, "llada_8b")
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    c.stages = ("posttrain", "evaluate")
-    c.rl.task = "gsm8k"
-    c.rl.train_limit = 0
-    c.rl.reference_dtype = "bfloat16"
-    c.rl.group_size = 6
-    c.rl.prompts_per_step = 8
-    c.rl.gen_length = 256
-    c.rl.sample_steps = 128
-    c.rl.block_length = 32
-    c.rl.temperature = 0.9
-    c.rl.lr = 3e-6
+    common.llada_8b_posttraining(c, "gsm8k")
     c.rl.num_steps = 1000
-    c.rl.eval_every = 100
-    c.rl.eval_problems = 64
     c.eval.tasks = ("gsm8k",)
-    c.eval.gen_lengths = (128, 256, 512)
-    c.eval.block_length = 32
-    c.eval.steps_per_token = 0.5
-    c.eval.temperature = 0.9
-    c.eval.batch_size = 32
   if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
     c.stages = ("reference",)

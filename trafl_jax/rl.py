@@ -5,6 +5,10 @@ for every inner update and computes the old policy's and the reference's likelih
 no gradients) -> `update` once per inner iteration. The objective is a loss function (objectives.py) chosen by
 `ObjectiveConfig.objective`; everything else is common.
 
+A rollout batch holds `tokens` (int32 [N, T]: left-padded prompt, then the sampled completion), `valid`
+(False on prompt padding), `prompt`, `completion` (bool [N, T]) and `rewards` (float32 [N]); the G samples of
+a prompt are consecutive rows.
+
 Dimension legend:
   B: prompts    G: samples per prompt    N: B*G rows    T: prompt + completion tokens
   I: inner updates    K: masks per sequence    D: d_model
@@ -12,7 +16,6 @@ Dimension legend:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -45,17 +48,6 @@ class RLState(struct.PyTreeNode):
 
   def from_checkpoint_tree(self, params, tree) -> RLState:
     return self.replace(params=params, **tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  """Names of the arrays a rollout batch holds (rows grouped by prompt: G consecutive rows each)."""
-
-  tokens: str = "tokens"  # int32 [N, T]: left-padded prompt, then the sampled completion
-  valid: str = "valid"  # bool [N, T]: False on prompt padding
-  prompt: str = "prompt"  # bool [N, T]: real prompt tokens
-  completion: str = "completion"  # bool [N, T]
-  rewards: str = "rewards"  # float32 [N]
 
 
 def log_z_optimizer(lr: float) -> optax.GradientTransformation:
@@ -236,7 +228,3 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
     }
   )
   return state, metrics
-
-
-def finish_step(state: RLState) -> RLState:
-  return state.replace(step=state.step + 1)

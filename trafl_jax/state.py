@@ -6,7 +6,6 @@ import dataclasses
 import functools
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -128,7 +127,3 @@ def create_sharded_state(model, tx, rng, seq_len: int, mesh, rules) -> tuple[Tra
     )
     state = create(rng)
   return nn.unbox(state), nn.unbox(shardings)
-
-
-def unboxed(tree):
-  return flax.core.meta.unbox(tree)

@@ -116,7 +116,11 @@ def run(
     )
   problems = load_problems(config, "train")
   held_out = load_problems(config, "test") if r.eval_every else []
-  encoded = [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in problems]
+
+  def encode(ps):  # prompts tokenized once, as the reference's chat template (if any) wraps them
+    return [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in ps]
+
+  encoded, held_out_ids = encode(problems), encode(held_out)
   width = -(-max(len(e) for e in encoded) // 8) * 8
 
   # The policy starts as the reference; the reference may be held in bfloat16.
@@ -224,7 +228,9 @@ def run(
           }
         )
         if r.eval_every and (step % r.eval_every == 0 or step == r.num_steps):
-          host["eval/greedy"] = _greedy_accuracy(ref, greedy, state.params, held_out, width, rows)
+          host["eval/greedy"] = _greedy_accuracy(
+            ref, greedy, state.params, held_out, held_out_ids, rows
+          )
         writer.write_scalars(step, host)
         if step % r.sample_every == 0 or step == 1:
           writer.write_texts(
@@ -259,12 +265,11 @@ def run(
   return last
 
 
-def _greedy_accuracy(ref, greedy, params, problems, width, rows) -> float:
+def _greedy_accuracy(ref, greedy, params, problems, encoded, rows) -> float:
   """Greedy reward on held-out prompts with the current policy (a quick signal, not the evaluation)."""
   if not problems:
     return 0.0
-  encoded = [ref.tokenizer.encode(ref.format_prompt(tasks_lib.format_prompt(p))) for p in problems]
-  width = max(width, -(-max(len(e) for e in encoded) // 8) * 8)
+  width = -(-max(len(e) for e in encoded) // 8) * 8
   texts = []
   for start in range(0, len(encoded), rows):
     chunk = encoded[start : start + rows]

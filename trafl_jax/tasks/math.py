@@ -329,13 +329,16 @@ def map_with_timeout(
     while pending:
       pool = _get_pool(workers)
       futures: dict[int, concurrent.futures.Future] = {}
-      retry: list[int] = []
-      for n, i in enumerate(pending):
+      # After a pool broke, the culprit is unknown: rerun one job per pool so that a job that kills
+      # its worker again cannot take bystanders down with it (they would run out of attempts).
+      batch = pending if not any(attempts[i] for i in pending) else pending[:1]
+      retry: list[int] = pending[len(batch) :]
+      for n, i in enumerate(batch):
         try:
           futures[i] = pool.submit(fn, *jobs[i])
         except futures_process.BrokenProcessPool:
           # A worker died while we were still submitting; the rest go to the next pool.
-          retry.extend(pending[n:])
+          retry.extend(batch[n:])
           break
         attempts[i] += 1
       broken = False

@@ -20,8 +20,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import linen as nn
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from trafl_jax import checkpoint as ckpt_lib
 from trafl_jax import metrics, objectives, rl, sample, sampler, sharding
@@ -42,18 +40,6 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler.SamplerConfig:
     block_length=r.block_length,
     temperature=r.temperature,
     remasking=r.remasking,
-  )
-
-
-def _replicate(tree, mesh):
-  replicated = NamedSharding(mesh, P())
-  return jax.tree.map(
-    lambda x: (
-      x
-      if isinstance(getattr(x, "sharding", None), NamedSharding) and x.ndim
-      else jax.device_put(x, replicated)
-    ),
-    tree,
   )
 
 
@@ -107,12 +93,19 @@ def run(
   mesh_axes = config.mesh.to_dict()
   ref = sample.Generator.load(reference, mesh=mesh_axes)
   mesh, rules, model = ref.mesh, ref.rules, ref.model
-  _copy_tokenizer(ref.tokenizer_file, workdir)
+  if jax.process_index() == 0:
+    _copy_tokenizer(ref.tokenizer_file, workdir)
   g = r.group_size
   if r.prompts_per_step * g % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(
       f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * g} rows do not divide over "
       f"the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
+    )
+  process, local_prompts = jax.process_index(), r.prompts_per_step // jax.process_count()
+  if r.prompts_per_step % jax.process_count():
+    raise ValueError(
+      f"rl.prompts_per_step = {r.prompts_per_step} does not divide over {jax.process_count()} "
+      "processes (each process samples and scores whole groups of its own prompts)"
     )
   problems = load_problems(config, "train")
   held_out = load_problems(config, "test") if r.eval_every else []
@@ -130,7 +123,6 @@ def run(
       lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
     )(ref.params)
 
-  params, ref_params = cast(jnp.float32), cast(jnp.dtype(r.reference_dtype))
   ocfg_optim = state_lib.OptimConfig(
     lr=r.lr,
     schedule="constant",
@@ -144,8 +136,13 @@ def run(
     total_steps=r.num_steps,
   )
   tx = state_lib.make_optimizer(ocfg_optim)
-  state = rl.create_state(params, tx, r.log_z_lr, ref.cfg.d_model, config.seed)
-  state = _replicate(state, mesh)
+  abstract, shardings = rl.state_shardings(model, tx, r.log_z_lr, config.seed, mesh, rules)
+  ref_shardings = ref.param_shardings
+  params, ref_params = cast(jnp.float32), cast(jnp.dtype(r.reference_dtype))
+  create = functools.partial(
+    rl.create_state, tx=tx, log_z_lr=r.log_z_lr, d_model=ref.cfg.d_model, seed=config.seed
+  )
+  state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
 
   run_config = config.to_dict()
   run_config["model"] = dataclasses.asdict(ref.cfg)  # the checkpoint describes the actual model
@@ -153,9 +150,6 @@ def run(
   latest = checkpointer.latest_step()
   if latest is not None:
     logging.info("resuming post-training from %s/%d", checkpointer.directory, latest)
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
     state, _ = checkpointer.restore(latest, abstract, None, run_config)
   start_step = int(jax.device_get(state.step))
 
@@ -163,11 +157,8 @@ def run(
   greedy = sampler.make_generate_fn(
     model, dataclasses.replace(scfg, temperature=0.0), mesh, rules, ref.param_shardings
   )
-  prepare = jax.jit(
-    functools.partial(rl.prepare, model=model, ocfg=ocfg, num_inner=r.num_inner_updates)
-  )
-  update = jax.jit(
-    functools.partial(rl.update, model=model, ocfg=ocfg, group_size=g), donate_argnums=0
+  prepare, update, init_log_z_bias = rl.jit_steps(
+    model, ocfg, r.num_inner_updates, g, shardings, ref_shardings, mesh, rules
   )
 
   is_main = jax.process_index() == 0
@@ -183,15 +174,17 @@ def run(
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ckpt_lib.PreemptionHandler() as stop:
       while step < end_step:
         t0 = time.perf_counter()
+        # This process's share of the step's prompts; its rows are its slice of the global batch.
         idx = prompt_indices(len(problems), step, r.prompts_per_step, config.seed)
-        prompt_BxP, valid_BxP = ref.pad_prompts(
-          [encoded[i] for i in idx], r.prompts_per_step, width
-        )
+        idx = idx[process * local_prompts : (process + 1) * local_prompts]
+        prompt_BxP, valid_BxP = ref.pad_prompts([encoded[i] for i in idx], local_prompts, width)
         prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
+        prompts = sharding.global_batch({"tokens": prompt_NxP, "valid": valid_NxP}, mesh, rules)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step)
-        completion_NxL, _ = jax.device_get(generate(state.params, prompt_NxP, valid_NxP, key))
+        completion, _ = generate(state.params, prompts["tokens"], prompts["valid"], key)
+        completion_NxL = sharding.local_rows(completion)
         t1 = time.perf_counter()
-        texts = [ref.decode(c) for c in completion_NxL]
+        texts = [ref.decode(c) for c in completion_NxL]  # each process scores its own samples
         owners = [problems[i] for i in idx for _ in range(g)]
         rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
         t2 = time.perf_counter()
@@ -206,16 +199,12 @@ def run(
         }
         batch = sharding.global_batch(local, mesh, rules)
         if step == 0 and ocfg.objective == "trafl" and ocfg.log_z == "mlp":
-          state = state.replace(
-            log_z=_replicate(
-              rl.set_log_z_bias(state.log_z, float(ocfg.beta * rewards_N.mean())), mesh
-            )
-          )
+          state = init_log_z_bias(state, batch["rewards"])  # the global batch's mean beta * r
         prepared = prepare(state, ref_params, batch)
         for i in range(r.num_inner_updates):
           state, step_metrics = update(state, batch, prepared, i)
         state = state.replace(step=state.step + 1)
-        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        host = {k: float(sharding.to_host(v)) for k, v in step_metrics.items()}
         t3 = time.perf_counter()
         step += 1
         metrics.check_finite(step, host)
@@ -224,7 +213,7 @@ def run(
             "time/sample_s": t1 - t0,
             "time/score_s": t2 - t1,
             "time/update_s": t3 - t2,
-            "perf/tokens_per_s": rows * local["tokens"].shape[1] / (t3 - t0),
+            "perf/tokens_per_s": rows * batch["tokens"].shape[1] / (t3 - t0),
           }
         )
         if r.eval_every and (step % r.eval_every == 0 or step == r.num_steps):
@@ -232,13 +221,13 @@ def run(
             ref, greedy, state.params, held_out, held_out_ids, rows
           )
         writer.write_scalars(step, host)
-        if step % r.sample_every == 0 or step == 1:
+        if step % r.sample_every == 0 or step == 1:  # process 0's own samples
           writer.write_texts(
             step,
             {
               f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} "
               f"(reward {rewards_N[j]:.0f})"
-              for j in range(0, rows, g)
+              for j in range(0, len(owners), g)
             },
           )
         progress.update(step, {"reward": host["rl/reward_mean"], "loss": host["rl/loss"]})
@@ -274,6 +263,6 @@ def _greedy_accuracy(ref, greedy, params, problems, encoded, rows) -> float:
   for start in range(0, len(encoded), rows):
     chunk = encoded[start : start + rows]
     prompt, valid = ref.pad_prompts(chunk, rows, width)
-    completion, _ = jax.device_get(greedy(params, prompt, valid, jax.random.PRNGKey(0)))
+    completion = sharding.to_host(greedy(params, prompt, valid, jax.random.PRNGKey(0))[0])
     texts += [ref.decode(c) for c in completion[: len(chunk)]]
   return float(np.mean(tasks_lib.rewards(problems, texts)))

@@ -16,15 +16,20 @@ Dimension legend:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from trafl_jax import diffusion, objectives
+from trafl_jax import diffusion, objectives, sharding
 from trafl_jax import model as model_lib
+from trafl_jax import state as state_lib
 
 
 class RLState(struct.PyTreeNode):
@@ -50,6 +55,7 @@ class RLState(struct.PyTreeNode):
     return self.replace(params=params, **tree)
 
 
+@functools.cache  # one object per rate: states built separately have equal static fields
 def log_z_optimizer(lr: float) -> optax.GradientTransformation:
   # A larger learning rate than the policy's and no weight decay (DESIGN section 2).
   return optax.adam(lr)
@@ -78,7 +84,86 @@ def create_state(
   )
 
 
-def set_log_z_bias(log_z_params, value: float):
+def state_shardings(model: model_lib.Transformer, tx, log_z_lr: float, seed: int, mesh, rules):
+  """`(abstract_state, shardings)` of the post-training state, nothing allocated: the policy and its
+  optimizer moments follow the parameters' logical axes; the log Z head, step and key are replicated."""
+
+  def create():
+    params = state_lib.init_params(model, jax.random.PRNGKey(0), 8)
+    return create_state(params, tx, log_z_lr, model.cfg.d_model, seed)
+
+  boxed = jax.eval_shape(create)
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+  return abstract, shardings
+
+
+def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
+  """Shardings of a rollout batch (module docstring): rows over the data axes."""
+  rows_2d, rows_1d = (
+    sharding.batch_sharding(mesh, rules, 2),
+    sharding.batch_sharding(mesh, rules, 1),
+  )
+  return {
+    "tokens": rows_2d,
+    "valid": rows_2d,
+    "prompt": rows_2d,
+    "completion": rows_2d,
+    "rewards": rows_1d,
+  }
+
+
+def prepared_shardings(mesh, rules) -> dict[str, NamedSharding]:
+  """Shardings of `prepare`'s output: the row axis N over the data axes, wherever it sits."""
+  axes = sharding.batch_axes(rules)
+
+  def rows_at(ndim: int, axis: int) -> NamedSharding:
+    spec = [None] * ndim
+    spec[axis] = axes
+    return NamedSharding(mesh, P(*spec))
+
+  return {
+    "masks": rows_at(4, 2),  # I x K x N x T
+    "inputs": rows_at(3, 1),  # I x N x T
+    "l_old": rows_at(2, 1),  # I x N
+    "l_ref": rows_at(2, 1),
+    "logp_old": rows_at(3, 1),  # I x N x T
+    "logp_ref": rows_at(3, 1),
+    "scored": rows_at(2, 0),  # N x T
+  }
+
+
+def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shardings, mesh, rules):
+  """`(prepare, update, init_log_z_bias)` jitted with explicit in/out shardings (the state donated to
+  `update`), so a multi-process run moves no data it does not have to and a lowering with abstract
+  inputs (scripts/memory_plan.py) sees exactly the training step."""
+  replicated = sharding.replicated(mesh)
+  batch, prepared = batch_shardings(mesh, rules), prepared_shardings(mesh, rules)
+  prepare_fn = jax.jit(
+    functools.partial(prepare, model=model, ocfg=ocfg, num_inner=num_inner),
+    in_shardings=(shardings, ref_shardings, batch),
+    out_shardings=prepared,
+  )
+  update_fn = jax.jit(
+    functools.partial(update, model=model, ocfg=ocfg, group_size=group_size),
+    in_shardings=(shardings, batch, prepared, replicated),
+    out_shardings=(shardings, replicated),
+    donate_argnums=0,
+  )
+  bias_fn = jax.jit(
+    lambda state, rewards: state.replace(
+      log_z=set_log_z_bias(state.log_z, ocfg.beta * jnp.mean(rewards))
+    ),
+    in_shardings=(shardings, batch["rewards"]),
+    out_shardings=shardings,
+    donate_argnums=0,
+  )
+  return prepare_fn, update_fn, bias_fn
+
+
+def set_log_z_bias(log_z_params, value):
   """The head starts at the first batch's mean beta * r (its output layer is zero-initialized)."""
   out = dict(log_z_params["out"])
   out["bias"] = jnp.full_like(out["bias"], value)

@@ -181,7 +181,9 @@ class Generator:
       chunk = encoded[start : start + batch_size]
       prompt_BxP, valid_BxP = self.pad_prompts(chunk, batch_size)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-      tokens, commit_steps = jax.device_get(generate(self.params, prompt_BxP, valid_BxP, rng))
+      tokens, commit_steps = map(
+        sharding.to_host, generate(self.params, prompt_BxP, valid_BxP, rng)
+      )
       for row in range(len(chunk)):
         out.append(self._completion(prompts[start + row], tokens[row], commit_steps[row]))
     return out

@@ -189,6 +189,14 @@ def make_generate_fn(model: nn.Module, cfg: SamplerConfig, mesh, rules, param_sh
   )
 
   def run(params, prompt_BxP, prompt_valid_BxP, rng):
+    # Host prompts (the same on every process) become global arrays; callers with process-local
+    # rows pass arrays built by `sharding.global_batch`.
+    if not isinstance(prompt_BxP, jax.Array):
+      prompt_BxP = sharding.to_global(prompt_BxP, batch)
+    if not isinstance(prompt_valid_BxP, jax.Array):
+      prompt_valid_BxP = sharding.to_global(prompt_valid_BxP, batch)
+    if jax.process_count() > 1 and getattr(rng, "is_fully_addressable", True):
+      rng = sharding.to_global(np.asarray(jax.device_get(rng)), sharding.replicated(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return fn(params, prompt_BxP, prompt_valid_BxP, rng)
 

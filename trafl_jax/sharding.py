@@ -100,3 +100,36 @@ def check_divisible(shape: Sequence[int], sharding: NamedSharding, what: str) ->
     size = int(np.prod([sharding.mesh.shape[a] for a in names]))
     if dim % size:
       raise ValueError(f"{what}: dimension {dim} does not divide over mesh axes {names} ({size})")
+
+
+def batch_axes(rules: Rules) -> str | tuple[str, ...] | None:
+  """The mesh axes the `batch` logical axis maps to."""
+  return nn.logical_to_mesh_axes(("batch",), rules)[0]
+
+
+def to_global(host_array: np.ndarray, array_sharding: NamedSharding) -> jax.Array:
+  """A global array from a host value that every process holds in full (each process places the
+  parts its devices own). Works the same with one process or many."""
+  host_array = np.asarray(host_array)
+  return jax.make_array_from_callback(host_array.shape, array_sharding, lambda idx: host_array[idx])
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array sharded on its first axis, in global order: the rows it gave to
+  `global_batch`. Replicas (the same rows on several local devices) are read once."""
+  if array.is_fully_addressable:
+    return np.asarray(jax.device_get(array))
+  shards = {}
+  for shard in array.addressable_shards:
+    start = shard.index[0].start or 0
+    shards.setdefault(start, shard)
+  return np.concatenate([np.asarray(shards[s].data) for s in sorted(shards)], axis=0)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process) array on every process."""
+  if array.is_fully_addressable or array.is_fully_replicated:
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

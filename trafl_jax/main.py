@@ -15,22 +15,35 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MAX_STEPS = flags.DEFINE_integer(
   "max_steps", None, "Run at most this many steps in this invocation, then checkpoint and exit."
 )
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "yes", "no"],
+  "Join a multi-process run: auto = when flags, JAX_* variables, SLURM or a TPU VM say so.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (or JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in a multi-host run (or JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (or JAX_PROCESS_ID).")
 
 
 def main(argv):
   del argv
   cli.quiet_libraries()
-  import jax  # after flags: XLA_FLAGS set by the caller must be read first
+  from trafl_jax import distributed
 
-  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
+  try:  # before anything touches a JAX backend
+    distributed.initialize(
+      distributed.settings(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+      )
     )
+  except (ValueError, RuntimeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   from trafl_jax import checkpoint, pipeline
 
   config = cli.load_config(_CONFIG)

@@ -6,8 +6,8 @@ JSONL prompts; generated programs run in trafl_jax.sandbox (install bubblewrap f
 GPU node (8 GPUs; FSDP, bfloat16):
   python -m trafl_jax.main --config=configs/code.py --workdir=runs/code \\
     --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/mbpp/train.jsonl
-TPU pod slice (every worker runs the same command):
-  python -m trafl_jax.main --config=configs/code.py --workdir=gs://BUCKET/runs/code \\
+TPU pod slice (launch/tpu_pod.sh runs it on every worker, the bucket mounted at /gcs/BUCKET):
+  CONFIG=configs/code.py WORKDIR=gs://BUCKET/runs/code launch/tpu_pod.sh run \\
     --config.rl.reference=gs://BUCKET/ckpt/llada8b --config.rl.train_path=gs://BUCKET/mbpp/train.jsonl
 CPU (a smoke test of the code path with a small reference of yours; it will not learn to code):
   python -m trafl_jax.main --config=configs/code.py:cpu --workdir=/tmp/code \\

@@ -21,8 +21,9 @@ GPU node (8 GPUs; FSDP over them, bfloat16 compute, bfloat16 reference):
   python -m trafl_jax.main --config=configs/math.py:gsm8k --workdir=runs/gsm8k \
     --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/gsm8k/train.jsonl \
     --config.eval.tasks='("gsm8k=/data/gsm8k/test.jsonl","math=/data/math500.jsonl","math=/data/minerva_math/test.jsonl")'
-TPU pod slice (every worker runs the same command; checkpoints and logs to GCS):
-  python -m trafl_jax.main --config=configs/math.py:gsm8k --workdir=gs://BUCKET/runs/gsm8k \
+TPU pod slice (launch/tpu_pod.sh runs it on every worker; the bucket is mounted at /gcs/BUCKET, so
+checkpoints and logs land in gs://BUCKET/runs/gsm8k):
+  CONFIG=configs/math.py:gsm8k WORKDIR=gs://BUCKET/runs/gsm8k launch/tpu_pod.sh run \
     --config.rl.reference=gs://BUCKET/ckpt/llada8b --config.rl.train_path=gs://BUCKET/gsm8k/train.jsonl
 Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference making, no post-training):
   python -m trafl_jax.main --config=configs/math.py:gsm8k_sft --workdir=runs/gsm8k_sft \

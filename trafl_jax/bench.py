@@ -3,7 +3,8 @@
   python -m trafl_jax.bench train --preset=small
   python -m trafl_jax.bench sample --preset=small     (gen_length 256, steps 128, block 32, batch 32)
   python -m trafl_jax.bench rl --preset=small --gen_length=128 --sample_steps=64
-      (one outer step per objective: sampling, scoring, update; 8 prompts x 8 samples)
+      (one outer step per objective: sampling, scoring, update; 8 prompts x 8 samples; model FLOP rates
+      and fractions of peak for the sampler and for prepare + update)
 
 `fraction_of_peak` compares the model FLOP rate (train: forward + backward = 3x the forward FLOPs, no remat
 recompute counted; sample: one forward over the whole sequence per denoising step, head on the completion
@@ -150,6 +151,19 @@ def bench_sample(
   }
 
 
+def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int) -> float:
+  """Model FLOPs of `prepare` + `inner` updates: the policy and the reference score K masked copies
+  (one for diffu_grpo), each update runs forward + backward (3x) on them, and TraFL's learned log Z adds
+  one forward per prompt."""
+  n = prompts * group
+  copies = 1 if ocfg.objective == "diffu_grpo" else ocfg.num_masks
+  fwd = model_lib.forward_flops(cfg, n, seq_len)
+  flops = inner * 2 * copies * fwd + inner * 3 * copies * fwd
+  if ocfg.objective == "trafl" and ocfg.log_z == "mlp":
+    flops += inner * model_lib.forward_flops(cfg, prompts, seq_len)
+  return float(flops)
+
+
 def bench_rl(
   preset: str,
   objective: str,
@@ -158,36 +172,48 @@ def bench_rl(
   prompt_len: int,
   scfg: sampler.SamplerConfig,
   inner: int,
+  dtype: str = "float32",
+  remat: str = "none",
+  repeats: int = 2,
 ) -> dict:
   """One post-training outer step, split into sampling, scoring (the Countdown verifier on as many
-  completions) and the update(s), with random weights and prompts."""
-  cfg, model = _model(preset, "float32")
+  completions) and the update(s), with random weights and prompts, through the jitted functions the
+  post-training loop uses (`rl.jit_steps`, `sampler.make_generate_fn`)."""
+  cfg, model = _model(preset, dtype, remat)
   mesh = sharding.make_mesh({"data": -1})
   rules = sharding.rules_from_config(common.sharding_rules().to_dict())
-  params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
-  params = jax.device_put(nn.unbox(params), shardings)
-  ref_params = jax.tree.map(jnp.copy, params)
   ocfg = objectives.ObjectiveConfig(objective=objective)
   tx = state_lib.make_optimizer(
     state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
   )
-  state = rl.create_state(params, tx, 1e-3, cfg.d_model, seed=1)
+  _, shardings = rl.state_shardings(model, tx, 1e-3, 1, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(
+      lambda: nn.unbox(state_lib.init_params(model, jax.random.PRNGKey(0), 8)),
+      out_shardings=shardings.params,
+    )()
+    ref_params = jax.jit(
+      lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings.params
+    )(params)
+    create = functools.partial(rl.create_state, tx=tx, log_z_lr=1e-3, d_model=cfg.d_model, seed=1)
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
   n = prompts * group
   rng = np.random.default_rng(0)
   prompt = np.repeat(rng.integers(5, cfg.vocab_size, (prompts, prompt_len)), group, 0).astype(
     np.int32
   )
   valid = np.ones_like(prompt, bool)
-  generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings)
-  prepare = jax.jit(functools.partial(rl.prepare, model=model, ocfg=ocfg, num_inner=inner))
-  update = jax.jit(functools.partial(rl.update, model=model, ocfg=ocfg, group_size=group))
+  generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings.params)
+  prepare, update, _ = rl.jit_steps(
+    model, ocfg, inner, group, shardings, shardings.params, mesh, rules
+  )
   problems = tasks_lib.load("countdown", limit=n)
   texts = [f"{p.reference['numbers'][0]}+{p.reference['numbers'][1]}" for p in problems]
   times = {"sample_s": [], "score_s": [], "update_s": []}
-  for _ in range(3):  # the first is compilation
+  for _ in range(1 + repeats):  # the first is compilation
     t0 = time.perf_counter()
-    completion, _ = jax.device_get(generate(params, prompt, valid, jax.random.PRNGKey(3)))
+    completion, _ = generate(state.params, prompt, valid, jax.random.PRNGKey(3))
+    completion = sharding.to_host(completion)
     t1 = time.perf_counter()
     rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
     t2 = time.perf_counter()
@@ -214,7 +240,10 @@ def bench_rl(
     for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
       times[key].append(value)
   out = {k: float(np.min(v[1:])) for k, v in times.items()}
-  return _describe("rl", preset, cfg, n, "float32") | {
+  seq_len = prompt_len + scfg.gen_length
+  sample_flops = scfg.steps * model_lib.forward_flops(cfg, n, seq_len, logits_len=scfg.gen_length)
+  update_flops = rl_step_flops(cfg, ocfg, prompts, group, seq_len, inner)
+  return _describe("rl", preset, cfg, n, dtype) | {
     "objective": objective,
     "prompts": prompts,
     "group": group,
@@ -222,9 +251,22 @@ def bench_rl(
     "gen_length": scfg.gen_length,
     "steps": scfg.steps,
     "inner_updates": inner,
+    "remat": remat,
     **out,
     "outer_step_s": sum(out.values()),
+    "sample_tokens_per_s": n * scfg.gen_length / out["sample_s"],
+    "update_tokens_per_s": n * seq_len * inner / out["update_s"],
+    "sample_flops_per_s": sample_flops / out["sample_s"],
+    "update_flops_per_s": update_flops / out["update_s"],
   }
+
+
+def _peak(dtype: str) -> tuple[float, str]:
+  """The matmul rate the model FLOP rates are compared with (bfloat16 on accelerators for bf16 runs)."""
+  bf16 = jax.devices()[0].platform != "cpu" and dtype == "bfloat16"
+  return matmul_peak_flops(_MATMUL_N.value, jnp.bfloat16 if bf16 else jnp.float32), (
+    "bfloat16" if bf16 else "float32"
+  )
 
 
 def main(argv):
@@ -237,20 +279,23 @@ def main(argv):
       block_length=_BLOCK.value,
       temperature=1.0,
     )
+    peak, peak_dtype = _peak(_DTYPE.value)
     for objective in _OBJECTIVE.value:
-      print(
-        json.dumps(
-          bench_rl(
-            _PRESET.value,
-            objective,
-            _PROMPTS.value,
-            _GROUP.value,
-            _PROMPT_LEN.value,
-            scfg,
-            _INNER.value,
-          )
-        )
+      result = bench_rl(
+        _PRESET.value,
+        objective,
+        _PROMPTS.value,
+        _GROUP.value,
+        _PROMPT_LEN.value,
+        scfg,
+        _INNER.value,
+        _DTYPE.value,
+        _REMAT.value,
       )
+      result |= {"matmul_peak_flops_per_s": peak, "matmul_dtype": peak_dtype}
+      result["sample_fraction_of_peak"] = result["sample_flops_per_s"] / peak
+      result["update_fraction_of_peak"] = result["update_flops_per_s"] / peak
+      print(json.dumps(result))
     return
   if argv[1] == "train":
     result = bench_train(
@@ -261,10 +306,8 @@ def main(argv):
       gen_length=_GEN_LENGTH.value, steps=_SAMPLE_STEPS.value, block_length=_BLOCK.value
     )
     result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 1)
-  peak_dtype = jnp.bfloat16 if result["platform"] != "cpu" and _DTYPE.value == "bfloat16" else None
-  peak = matmul_peak_flops(_MATMUL_N.value, peak_dtype or jnp.float32)
-  result["matmul_peak_flops_per_s"] = peak
-  result["matmul_dtype"] = "bfloat16" if peak_dtype else "float32"
+  peak, peak_dtype = _peak(_DTYPE.value)
+  result |= {"matmul_peak_flops_per_s": peak, "matmul_dtype": peak_dtype}
   result["fraction_of_peak"] = result["flops_per_s"] / peak
   print(json.dumps(result))
 

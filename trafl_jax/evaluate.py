@@ -24,6 +24,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from trafl_jax import eval_report, metrics, sample
@@ -180,13 +181,14 @@ def evaluate_checkpoint(
             progress.update(progress.step + len(batch))
           continue
         new = _evaluate_batch(generator, batch, settings, cfg, seed=cfg.seed * 1_000_003 + start)
-        with open(records_path, "a", encoding="utf-8") as f:
-          lines = []
-          for key, record in zip(keys, new):
-            record.update(checkpoint=key[0], task=key[1], gen_length=key[2], id=key[3])
-            done[key] = record
-            lines.append(json.dumps(record) + "\n")
-          f.write("".join(lines))  # one write per batch: a kill loses at most this batch
+        lines = []
+        for key, record in zip(keys, new):
+          record.update(checkpoint=key[0], task=key[1], gen_length=key[2], id=key[3])
+          done[key] = record
+          lines.append(json.dumps(record) + "\n")
+        if jax.process_index() == 0:  # every process holds the same records; one writes them
+          with open(records_path, "a", encoding="utf-8") as f:
+            f.write("".join(lines))  # one write per batch: a kill loses at most this batch
         if progress:
           progress.update(progress.step + len(batch), {"pass@1": _running_pass1(done, label)})
   return done
@@ -250,7 +252,8 @@ def run(
   finally:
     progress.close()
   summary = _summaries(done, labels)
-  eval_report.write_reports(summary, workdir, dataclasses.asdict(cfg))
+  if jax.process_index() == 0:
+    eval_report.write_reports(summary, workdir, dataclasses.asdict(cfg))
   return summary
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -45,11 +46,13 @@ def optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
 
 
 def _write_jsonl_atomic(path: str, records) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  """A unique temporary name: every process of a multi-host run may write the same file at once."""
+  with tempfile.NamedTemporaryFile(
+    "w", encoding="utf-8", dir=os.path.dirname(path), prefix=".tmp.", delete=False
+  ) as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+  os.replace(f.name, path)
 
 
 def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -76,9 +79,12 @@ def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[di
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, records: list[dict]):
+  """The run's tokenizer. A SentencePiece model trained on first use is trained by process 0 alone;
+  the other processes wait for it and read the same file."""
   texts = [r["prompt"] + r["answer"] for r in records]
   mc = config.model
-  return data_lib.get_tokenizer(
+  build = functools.partial(
+    data_lib.get_tokenizer,
     config.tokenizer.kind,
     config.tokenizer.path or None,
     workdir,
@@ -88,6 +94,13 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, records: li
     eos_id=mc.eos_token_id,
     pad_id=mc.pad_token_id,
   )
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils
+
+  tokenizer = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("trafl_jax tokenizer ready")
+  return tokenizer if tokenizer is not None else build()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""The benchmark's RL step runs through the training loop's jitted functions and reports sane rates."""
+
+import pytest
+
+from configs import common
+from trafl_jax import bench, objectives, sampler
+from trafl_jax import model as model_lib
+
+
+def test_rl_bench_times_every_part_on_tiny():
+  scfg = sampler.SamplerConfig(gen_length=8, steps=4, block_length=8, temperature=1.0)
+  result = bench.bench_rl("tiny", "trafl", 2, 4, 8, scfg, inner=2, repeats=1)
+  for key in ("sample_s", "score_s", "update_s", "sample_flops_per_s", "update_flops_per_s"):
+    assert result[key] > 0, key
+  assert result["batch"] == 8 and result["devices"] == 8
+  assert result["outer_step_s"] == pytest.approx(
+    result["sample_s"] + result["score_s"] + result["update_s"]
+  )
+
+
+def test_rl_step_flops_count_the_masked_copies():
+  values = {k: v for k, v in common.model_config("tiny").items() if k != "preset"}
+  cfg = model_lib.ModelConfig(**values)
+  fwd = model_lib.forward_flops(cfg, 8, 32)
+  one_step = objectives.ObjectiveConfig(objective="diffu_grpo")
+  assert bench.rl_step_flops(cfg, one_step, 2, 4, 32, 1) == pytest.approx(5 * fwd)
+  pair = objectives.ObjectiveConfig(objective="elbo_grpo", num_masks=2)
+  assert bench.rl_step_flops(cfg, pair, 2, 4, 32, 3) == pytest.approx(3 * 10 * fwd)
+  trafl = objectives.ObjectiveConfig(objective="trafl", num_masks=2, log_z="mlp")
+  log_z = model_lib.forward_flops(cfg, 2, 32)
+  assert bench.rl_step_flops(cfg, trafl, 2, 4, 32, 1) == pytest.approx(10 * fwd + log_z)

@@ -57,9 +57,13 @@ def _finish(proc: subprocess.Popen, log_dir, timeout: float = 600) -> str:
   return out
 
 
+def _metrics_of(run_dir) -> list[dict]:
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "step" in r and ("rl/loss" in r or "train/loss" in r)]
+
+
 def _metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "trafl", "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if "rl/loss" in r]
+  return _metrics_of(os.path.join(workdir, "trafl"))
 
 
 def _by_step(records: list[dict]) -> dict[int, dict]:
@@ -183,3 +187,18 @@ def test_distributed_settings_name_what_is_wrong(kwargs, message):
   kwargs = {"environ": {}, "tpu_vm": False, **kwargs}
   with pytest.raises(ValueError, match=re.escape(message)):
     distributed.settings(**kwargs)
+
+
+def test_the_whole_main_job_runs_on_two_processes(tmp_path):
+  """Reference training (each process reads its rows), post-training and evaluation; one writer."""
+  workdir = tmp_path / "run"
+  flags = ["--config=configs/math.py:tiny", "--config.train.progress=False", f"--workdir={workdir}"]
+  out = _finish(_launch(2, 4, flags, tmp_path), tmp_path)
+  assert "reports:" in out
+  summary = json.loads((workdir / "eval" / "eval.json").read_text())
+  assert {r["checkpoint"] for r in summary["results"]} == {"reference", "trafl"}
+  records = [json.loads(line) for line in (workdir / "eval" / "eval_records.jsonl").open()]
+  keys = [(r["checkpoint"], r["task"], r["gen_length"], r["id"]) for r in records]
+  assert len(keys) == len(set(keys)) == 2 * 6  # two checkpoints x 6 problems, each written once
+  for stage in ("reference", "trafl"):
+    assert _by_step(_metrics_of(workdir / stage))

@@ -180,6 +180,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.kl_coef = 0.04
   c.rl.prompt_mask_prob = 0.15
   c.rl.num_inner_updates = 1
+  # Gradient accumulation: prepare and update run over this many micro-batches of whole prompt groups
+  # (one optimizer step per update; the same result as 1, less activation memory).
+  c.rl.micro_batches = 1
   c.rl.prompts_per_step = 8
   c.rl.group_size = 8
   c.rl.gen_length = 128

@@ -34,6 +34,7 @@ class ObjectiveConfig:
   clip_eps: float = 0.5  # GRPO baselines' PPO clip
   kl_coef: float = 0.04  # GRPO baselines' k3 KL to the reference
   prompt_mask_prob: float = 0.15  # diffu_grpo: prompt tokens masked in the one-step estimator
+  micro_batches: int = 1  # prepare / update over this many micro-batches of whole prompt groups
 
   def __post_init__(self):
     if self.objective not in OBJECTIVES:
@@ -42,6 +43,8 @@ class ObjectiveConfig:
       raise ValueError(f"log_z {self.log_z!r} is not one of {LOG_Z_KINDS}")
     if self.beta <= 0:
       raise ValueError(f"beta must be positive, got {self.beta}")
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches must be at least 1, got {self.micro_batches}")
 
 
 class LogZHead(nn.Module):

@@ -11,7 +11,7 @@ a prompt are consecutive rows.
 
 Dimension legend:
   B: prompts    G: samples per prompt    N: B*G rows    T: prompt + completion tokens
-  I: inner updates    K: masks per sequence    D: d_model
+  I: inner updates    K: masks per sequence    D: d_model    M: micro-batches
 """
 
 from __future__ import annotations
@@ -197,9 +197,59 @@ def _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg
   return l_N, jnp.zeros_like(scored_NxT, jnp.float32)
 
 
+def _split_rows(x, micro_batches: int, axis: int = 0):
+  """`[..., N, ...] -> [M, ..., N / M, ...]`: micro-batch m holds rows `m * N / M` to `(m + 1) * N / M`
+  (whole consecutive prompt groups), leading, for a `lax.scan` over them."""
+  n = x.shape[axis]
+  split = x.reshape(x.shape[:axis] + (micro_batches, n // micro_batches) + x.shape[axis + 1 :])
+  return jnp.moveaxis(split, axis, 0)
+
+
+def _merge_rows(x, axis: int = 0):
+  """The inverse of `_split_rows` on a scan's stacked outputs: `[M, ..., N / M, ...] -> [..., N, ...]`."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+
+def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = None) -> None:
+  """Micro-batches hold whole prompt groups (TraFL's log Z, the batch-mean log Z and the group
+  advantages are per group), all of the same size (the loss is then the mean of theirs)."""
+  if group_size is not None and rows % group_size:
+    raise ValueError(f"{rows} rows are not whole groups of rl.group_size = {group_size}")
+  units, what = (rows, "rows") if group_size is None else (rows // group_size, "prompt groups")
+  if units % micro_batches:
+    raise ValueError(
+      f"rl.micro_batches = {micro_batches} does not divide the batch's {units} {what} "
+      f"({rows} rows); micro-batches hold whole prompt groups, all of one size"
+    )
+
+
+def _micro_batched_likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg):
+  """`_likelihoods` over `ocfg.micro_batches` consecutive row ranges in turn (a `lax.map`), so only one
+  micro-batch's activations are alive at a time; the same values as one pass."""
+  m = ocfg.micro_batches
+  if m == 1:
+    return _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg)
+  rows = {
+    "tokens": _split_rows(batch["tokens"], m),
+    "valid": _split_rows(batch["valid"], m),
+    "masks": _split_rows(masks_KxNxT, m, axis=1),
+    "inputs": _split_rows(inputs_NxT, m),
+    "scored": _split_rows(scored_NxT, m),
+  }
+
+  def one(mb):
+    return _likelihoods(model, params, mb, mb["masks"], mb["inputs"], mb["scored"], ocfg)
+
+  l_MxN, logp_MxNxT = jax.lax.map(one, rows)
+  return _merge_rows(l_MxN), _merge_rows(logp_MxNxT)
+
+
 def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
   """Draws the masks of every inner update and scores the batch under the old policy and the reference
-  with them (no gradients). Returns a dict of `I`-stacked arrays."""
+  with them (no gradients), micro-batch by micro-batch when `ocfg.micro_batches > 1` (the masks are
+  drawn for the whole batch first, so they do not depend on it). Returns a dict of `I`-stacked arrays."""
+  check_micro_batches(batch["tokens"].shape[0], ocfg.micro_batches)
   scored_NxT = diffusion.scored_positions(
     batch["completion"], batch["tokens"], model.cfg.eos_token_id
   )
@@ -215,8 +265,12 @@ def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
         key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
       )
       inputs = batch["tokens"]
-    l_old, logp_old = _likelihoods(model, state.params, batch, masks, inputs, scored_NxT, ocfg)
-    l_ref, logp_ref = _likelihoods(model, ref_params, batch, masks, inputs, scored_NxT, ocfg)
+    l_old, logp_old = _micro_batched_likelihoods(
+      model, state.params, batch, masks, inputs, scored_NxT, ocfg
+    )
+    l_ref, logp_ref = _micro_batched_likelihoods(
+      model, ref_params, batch, masks, inputs, scored_NxT, ocfg
+    )
     return {
       "masks": masks,
       "inputs": inputs,
@@ -232,68 +286,119 @@ def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
   return jax.lax.stop_gradient(out)
 
 
-def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
-  """One optimizer step on inner iteration `i`'s masks. Returns the new state and flat metrics."""
-  sel = jax.tree.map(lambda x: x[i], {k: v for k, v in prepared.items() if k != "scored"})
-  scored_NxT = prepared["scored"]
-  n = batch["rewards"].shape[0]
+def objective_loss(ocfg, terms, rows, group_size: int):
+  """`(loss, metrics)` of whole prompt groups, from the policy's `terms` (`l_theta` [N], `logp` [N, T],
+  `log_z` [B] for TraFL's learned log Z) and the rows' fixed data (`rewards`, `scored` and the
+  prepared `l_old`, `l_ref`, `logp_old`, `logp_ref`). Every objective's loss is a mean over prompts or
+  rows, so on equal micro-batches the batch's loss is the mean of theirs."""
+  l_theta_N, scored_NxT = terms["l_theta"], rows["scored"]
+  n = l_theta_N.shape[0]
   b, g = n // group_size, group_size
-  rewards_BxG = batch["rewards"].reshape(b, g)
+  rewards_BxG = rows["rewards"].reshape(b, g)
+  l_theta, l_ref = l_theta_N.reshape(b, g), rows["l_ref"].reshape(b, g)
   length_N = scored_NxT.sum(-1).astype(jnp.float32)
-  head = objectives.LogZHead(width=model.cfg.d_model)
-  if ocfg.objective == "trafl" and ocfg.log_z == "mlp":
-    # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
-    masked_NxT = diffusion.apply_mask(batch["tokens"], batch["completion"], model.cfg.mask_token_id)
-    _, hidden = model.apply(
-      {"params": state.params}, masked_NxT[::g], batch["valid"][::g], return_hidden=True
-    )
-    hidden_BxTxD = jax.lax.stop_gradient(hidden)
-
-  def loss_fn(params, log_z_params):
-    l_theta_N, logp_NxT = _likelihoods(
-      model, params, batch, sel["masks"], sel["inputs"], scored_NxT, ocfg
-    )
-    l_theta, l_ref = l_theta_N.reshape(b, g), sel["l_ref"].reshape(b, g)
-    adv_BxG = objectives.group_advantages(rewards_BxG)
-    if ocfg.objective == "trafl":
-      if ocfg.log_z == "mlp":
-        log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, batch["prompt"][::g])
-      else:
-        log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
-      weights = None
-      if ocfg.importance_weights:
-        weights = objectives.importance_weights(
-          l_theta, sel["l_old"].reshape(b, g), ocfg.importance_clip
-        )
-      loss, extra = objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
-    elif ocfg.objective == "diffu_grpo":
-      loss, extra = objectives.diffu_grpo_loss(
-        logp_NxT,
-        sel["logp_old"],
-        sel["logp_ref"],
-        scored_NxT,
-        adv_BxG.reshape(n),
-        ocfg.clip_eps,
-        ocfg.kl_coef,
-      )
-    elif ocfg.objective == "elbo_grpo":
-      loss, extra = objectives.elbo_grpo_loss(
-        l_theta_N,
-        sel["l_old"],
-        sel["l_ref"],
-        length_N,
-        adv_BxG.reshape(n),
-        ocfg.clip_eps,
-        ocfg.kl_coef,
-      )
+  adv_BxG = objectives.group_advantages(rewards_BxG)
+  if ocfg.objective == "trafl":
+    if ocfg.log_z == "mlp":
+      log_z_B = terms["log_z"]
     else:
-      loss, extra = objectives.wd1_loss(l_theta, adv_BxG)
-    extra["rl/kl_estimate"] = jnp.mean(l_theta_N - sel["l_ref"])
-    return loss, extra
+      log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+    weights = None
+    if ocfg.importance_weights:
+      weights = objectives.importance_weights(
+        l_theta, rows["l_old"].reshape(b, g), ocfg.importance_clip
+      )
+    loss, extra = objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+  elif ocfg.objective == "diffu_grpo":
+    loss, extra = objectives.diffu_grpo_loss(
+      terms["logp"],
+      rows["logp_old"],
+      rows["logp_ref"],
+      scored_NxT,
+      adv_BxG.reshape(n),
+      ocfg.clip_eps,
+      ocfg.kl_coef,
+    )
+  elif ocfg.objective == "elbo_grpo":
+    loss, extra = objectives.elbo_grpo_loss(
+      l_theta_N,
+      rows["l_old"],
+      rows["l_ref"],
+      length_N,
+      adv_BxG.reshape(n),
+      ocfg.clip_eps,
+      ocfg.kl_coef,
+    )
+  else:
+    loss, extra = objectives.wd1_loss(l_theta, adv_BxG)
+  extra["rl/kl_estimate"] = jnp.mean(l_theta_N - rows["l_ref"])
+  return loss, extra
 
-  (loss, metrics), (grads, log_z_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-    state.params, state.log_z
-  )
+
+def _constrain_like_params(model, tree):
+  """Pins a params-shaped tree (the gradient accumulator) to the parameters' logical shardings, so a
+  scan carry cannot end up replicated; a no-op outside a mesh and rules context."""
+  boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), 8))
+  specs = nn.get_partition_spec(boxed)
+  return jax.tree.map(nn.with_logical_constraint, tree, specs)
+
+
+def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
+  """One optimizer step on inner iteration `i`'s masks. With `ocfg.micro_batches = M > 1` the
+  gradient is accumulated over M micro-batches of whole prompt groups (a `lax.scan`; one micro-batch's
+  activations alive at a time) before the one step: the same loss, metrics and step as M = 1, up to
+  float summation order. Returns the new state and flat metrics."""
+  g, m = group_size, ocfg.micro_batches
+  n = batch["rewards"].shape[0]
+  check_micro_batches(n, m, g)
+  sel = jax.tree.map(lambda x: x[i], {k: v for k, v in prepared.items() if k != "scored"})
+  rows = {
+    **{k: batch[k] for k in ("tokens", "valid", "prompt", "completion", "rewards")},
+    **{k: sel[k] for k in ("inputs", "l_old", "l_ref", "logp_old", "logp_ref")},
+    "masks": sel["masks"],  # K x N x T: the row axis is 1
+    "scored": prepared["scored"],
+  }
+  head = objectives.LogZHead(width=model.cfg.d_model)
+  learned_log_z = ocfg.objective == "trafl" and ocfg.log_z == "mlp"
+
+  def micro_step(params, log_z_params, mb):
+    """`((loss, terms), grads)` of one micro-batch (or the whole batch)."""
+    hidden_BxTxD = None
+    if learned_log_z:
+      # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
+      masked_NxT = diffusion.apply_mask(mb["tokens"], mb["completion"], model.cfg.mask_token_id)
+      _, hidden = model.apply(
+        {"params": params}, masked_NxT[::g], mb["valid"][::g], return_hidden=True
+      )
+      hidden_BxTxD = jax.lax.stop_gradient(hidden)
+
+    def loss_fn(params, log_z_params):
+      l_theta_N, logp_NxT = _likelihoods(
+        model, params, mb, mb["masks"], mb["inputs"], mb["scored"], ocfg
+      )
+      terms = {"l_theta": l_theta_N, "logp": logp_NxT}
+      if learned_log_z:
+        terms["log_z"] = head.apply({"params": log_z_params}, hidden_BxTxD, mb["prompt"][::g])
+      return objective_loss(ocfg, terms, mb, g)[0], terms
+
+    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
+
+  if m == 1:
+    (_, terms), (grads, log_z_grads) = micro_step(state.params, state.log_z, rows)
+  else:
+    micro = {k: _split_rows(v, m, axis=1 if k == "masks" else 0) for k, v in rows.items()}
+
+    def accumulate(carry, mb):
+      (_, terms), step_grads = micro_step(state.params, state.log_z, mb)
+      carry = jax.tree.map(lambda acc, x: acc + x / m, carry, step_grads)
+      return (_constrain_like_params(model, carry[0]), carry[1]), terms
+
+    zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
+    zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
+    (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, micro)
+    terms = jax.tree.map(_merge_rows, terms)
+  # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
+  loss, metrics = objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   log_z_updates, log_z_opt_state = state.log_z_tx.update(log_z_grads, state.log_z_opt_state)
   state = state.replace(
@@ -302,6 +407,7 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
     log_z=optax.apply_updates(state.log_z, log_z_updates),
     log_z_opt_state=log_z_opt_state,
   )
+  rewards_BxG = batch["rewards"].reshape(n // g, g)
   metrics.update(
     {
       "rl/loss": loss,
@@ -309,7 +415,7 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
       "rl/reward_mean": rewards_BxG.mean(),
       "rl/all_correct_groups": jnp.mean(jnp.all(rewards_BxG > 0, axis=1)),
       "rl/all_wrong_groups": jnp.mean(jnp.all(rewards_BxG <= 0, axis=1)),
-      "rl/completion_length": length_N.mean(),
+      "rl/completion_length": prepared["scored"].sum(-1).astype(jnp.float32).mean(),
     }
   )
   return state, metrics

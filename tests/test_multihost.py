@@ -202,3 +202,26 @@ def test_the_whole_main_job_runs_on_two_processes(tmp_path):
   assert len(keys) == len(set(keys)) == 2 * 6  # two checkpoints x 6 problems, each written once
   for stage in ("reference", "trafl"):
     assert _by_step(_metrics_of(workdir / stage))
+
+
+def test_scoring_work_is_split_over_processes_and_gathered_in_order(tmp_path):
+  proc = subprocess.Popen(
+    [LAUNCHER, "2", "1", "--"],
+    cwd=ROOT,
+    env={**os.environ, "LOG_DIR": str(tmp_path), "MODULE": "tests.multiprocess_worker"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  out = _finish(proc, tmp_path, timeout=120) + (tmp_path / "process_1.log").read_text()
+  results = {
+    r["process"]: r
+    for r in (json.loads(line[len("RESULT ") :]) for line in out.splitlines() if "RESULT " in line)
+  }
+  items = ["x" * i for i in range(11)]
+  assert sorted(results) == [0, 1]
+  for process, result in results.items():
+    assert result["seen"] == items[process::2]  # each process scored only its share
+    assert result["out"] == [
+      len(item) * 0.5 for item in items
+    ]  # and every process has all, in order

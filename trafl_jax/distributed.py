@@ -17,6 +17,8 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
+import numpy as np
+
 MODES = ("auto", "yes", "no")
 
 
@@ -100,3 +102,22 @@ def initialize(kwargs: dict | None) -> None:
   except Exception as e:  # noqa: BLE001 -- any failure here means the same thing to the user
     shown = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "settings detected by JAX"
     raise RuntimeError(f"could not join the multi-process run ({shown}): {e}") from e
+
+
+def map_split(fn, items: list) -> list[float]:
+  """`fn(items)` (a list of floats, one per item) with the work split over the processes: process p
+  computes items p, p + P, ...; every process returns the whole list in order. One process: `fn(items)`."""
+  import jax
+
+  count = jax.process_count()
+  if count == 1:
+    return [float(x) for x in fn(items)]
+  from jax.experimental import multihost_utils
+
+  index = jax.process_index()
+  per_process = -(-len(items) // count)
+  mine = np.full(per_process, np.nan, np.float64)
+  values = fn(items[index::count]) if items[index::count] else []
+  mine[: len(values)] = values
+  gathered = np.asarray(multihost_utils.process_allgather(mine))  # [processes, per_process]
+  return [float(gathered[i % count, i // count]) for i in range(len(items))]

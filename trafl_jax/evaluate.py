@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from trafl_jax import eval_report, metrics, sample
+from trafl_jax import distributed, eval_report, metrics, sample
 from trafl_jax import tasks as tasks_lib
 
 RECORDS_FILE = "eval_records.jsonl"
@@ -208,7 +208,7 @@ def _evaluate_batch(generator, problems, settings, cfg: EvalConfig, seed: int) -
   )
   texts = [c.text for c in greedy] + [c.text for c in sampled]
   owners = list(problems) + [p for p in problems for _ in range(n)]
-  rewards = tasks_lib.rewards(owners, texts)
+  rewards = rewards_of(owners, texts)
   out = []
   for i, problem in enumerate(problems):
     rows = sampled[i * n : (i + 1) * n]
@@ -224,6 +224,14 @@ def _evaluate_batch(generator, problems, settings, cfg: EvalConfig, seed: int) -
       )
     )
   return out
+
+
+def rewards_of(owners, texts) -> list[float]:
+  """Rewards with the scoring split over the processes (each scores a share; all get every value)."""
+  pairs = list(zip(owners, texts))
+  return distributed.map_split(
+    lambda part: tasks_lib.rewards([o for o, _ in part], [t for _, t in part]), pairs
+  )
 
 
 def run(

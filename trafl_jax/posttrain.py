@@ -22,7 +22,7 @@ from absl import logging
 from flax import linen as nn
 
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import metrics, objectives, rl, sample, sampler, sharding
+from trafl_jax import evaluate, metrics, objectives, rl, sample, sampler, sharding
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
 
@@ -265,4 +265,4 @@ def _greedy_accuracy(ref, greedy, params, problems, encoded, rows) -> float:
     prompt, valid = ref.pad_prompts(chunk, rows, width)
     completion = sharding.to_host(greedy(params, prompt, valid, jax.random.PRNGKey(0))[0])
     texts += [ref.decode(c) for c in completion[: len(chunk)]]
-  return float(np.mean(tasks_lib.rewards(problems, texts)))
+  return float(np.mean(evaluate.rewards_of(problems, texts)))

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from trafl_jax import sharding
+
 # What must match for a checkpoint to be resumed: a changed model cannot load the state, and a changed
 # data pipeline would silently replay the wrong batches from the saved iterator position.
 # (section, None = every field except the compute-only ones below | the fields that must match)
@@ -209,7 +211,7 @@ def restore_params(path: str, abstract_params):
     params, _ = convert.load_hf_params(path)
     check_shapes(params, abstract_params, path)
     return jax.tree.map(
-      lambda x, a: jax.device_put(np.asarray(x).astype(a.dtype), a.sharding),
+      lambda x, a: sharding.to_global(np.asarray(x).astype(a.dtype), a.sharding),
       params,
       abstract_params,
     )

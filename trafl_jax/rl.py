@@ -199,15 +199,21 @@ def _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg
 
 def _split_rows(x, micro_batches: int, axis: int = 0):
   """`[..., N, ...] -> [M, ..., N / M, ...]`: micro-batch m holds rows `m * N / M` to `(m + 1) * N / M`
-  (whole consecutive prompt groups), leading, for a `lax.scan` over them."""
+  (whole consecutive prompt groups), leading, for a `lax.scan` over them. Each micro-batch's rows
+  spread over the batch axes like the batch's: the (small) input is replicated first, so the split is
+  a local slice rather than a reshuffle SPMD cannot express."""
+  x = nn.with_logical_constraint(x, (None,) * x.ndim)
   n = x.shape[axis]
   split = x.reshape(x.shape[:axis] + (micro_batches, n // micro_batches) + x.shape[axis + 1 :])
-  return jnp.moveaxis(split, axis, 0)
+  split = jnp.moveaxis(split, axis, 0)
+  axes = [None] * split.ndim
+  axes[axis + 1] = "batch"
+  return nn.with_logical_constraint(split, tuple(axes))
 
 
 def _merge_rows(x, axis: int = 0):
-  """The inverse of `_split_rows` on a scan's stacked outputs: `[M, ..., N / M, ...] -> [..., N, ...]`."""
-  x = jnp.moveaxis(x, 0, axis)
+  """The inverse of `_split_rows` on a scan's stacked (small, per-row) outputs, replicated."""
+  x = nn.with_logical_constraint(jnp.moveaxis(x, 0, axis), (None,) * x.ndim)
   return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
 
 
@@ -247,8 +253,9 @@ def _micro_batched_likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, sc
 
 def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
   """Draws the masks of every inner update and scores the batch under the old policy and the reference
-  with them (no gradients), micro-batch by micro-batch when `ocfg.micro_batches > 1` (the masks are
-  drawn for the whole batch first, so they do not depend on it). Returns a dict of `I`-stacked arrays."""
+  with them (no gradients), one inner update at a time and micro-batch by micro-batch when
+  `ocfg.micro_batches > 1` (the masks are drawn for the whole batch first, so they do not depend on
+  it). Returns a dict of `I`-stacked arrays."""
   check_micro_batches(batch["tokens"].shape[0], ocfg.micro_batches)
   scored_NxT = diffusion.scored_positions(
     batch["completion"], batch["tokens"], model.cfg.eos_token_id
@@ -280,8 +287,9 @@ def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
       "logp_ref": logp_ref,
     }
 
-  per_update = [one(i) for i in range(num_inner)]
-  out = jax.tree.map(lambda *xs: jnp.stack(xs), *per_update)
+  # A loop, not an unrolled list: XLA kept all I iterations' activations alive at once when unrolled
+  # (diffu_grpo with d1's 12 inner updates needed 4x the memory of one; docs/scaling.md).
+  out = jax.lax.map(one, jnp.arange(num_inner))
   out["scored"] = scored_NxT
   return jax.lax.stop_gradient(out)
 

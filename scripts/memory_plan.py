@@ -1,0 +1,400 @@
+"""Per-device memory of post-training on large meshes, without the hardware: ahead-of-time compilation.
+
+The post-training steps (`rl.jit_steps`: prepare and update, the functions posttrain.py trains with) and
+the sampler (`sampler.make_generate_fn`) are lowered with abstract inputs (`jax.ShapeDtypeStruct` with their
+shardings; nothing is allocated) for a mesh of fake CPU devices the size of the target, compiled, and their
+`memory_analysis()` read per device. The reference's parameters use the policy's shardings in
+`rl.reference_dtype`.
+
+How the per-device peak is added up. Between steps these buffers stay resident: the post-training state
+(policy, AdamW moments, log Z head), the reference, the rollout batch and `prepare`'s output (posttrain.py
+keeps the previous step's batch and prepared arrays alive while it samples the next). A step's peak is
+
+    peak = resident + (arguments that are not resident) + (outputs - aliased) + temporaries + code
+
+(the update donates the state, so its new state is aliased and adds nothing; the sampler's prompts are its
+only non-resident arguments). The plan's peak is the largest step's.
+
+    python scripts/memory_plan.py --config=configs/math.py:gsm8k --target=all --out=/tmp/plan.md
+    python scripts/memory_plan.py --config=configs/math.py:gsm8k --target=v4-32 \
+      --config.rl.micro_batches=2 --notarget_overrides
+
+`--target` picks the device count and HBM; unless `--notarget_overrides`, the target's recommended settings
+(TARGETS below: the mesh split, micro-batches) are applied on top of the config. XLA:CPU's buffer assignment
+is not TPU's or GPU's (fusion, bfloat16 handling, scheduling differ): these are estimates (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trafl_jax import cli  # noqa: E402  (absl only: jax is imported after XLA_FLAGS is set)
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  devices: int  # accelerators (TPU chips, GPUs): one mesh device each
+  hbm_gib: float  # memory per device
+  overrides: tuple[
+    tuple[str, object], ...
+  ] = ()  # recommended config settings ("section.key", value)
+  note: str = ""
+
+
+TARGETS = {
+  # 64 chips x 16 GiB. The 48 rows of 8 prompts x 6 do not divide over 64 devices: FSDP over 16 and
+  # tensor parallelism over 4 (heads, MLP and vocabulary split; rows 3 per FSDP group).
+  "v5e-64": Target(64, 16.0, (("mesh.fsdp", 16), ("mesh.tensor", 4)), "TPU v5e, 64 chips"),
+  "v5p-32": Target(16, 95.0, (), "TPU v5p, 16 chips (32 TensorCores)"),
+  "v4-32": Target(16, 32.0, (), "TPU v4, 16 chips (32 TensorCores)"),
+  "h100x8": Target(8, 80.0, (), "8 x H100 80GB (one node)"),
+}
+FIT_FRACTION = 0.9  # headroom for the runtime's own reservations and fragmentation
+
+# Defined when run as a script (the module is also imported by tests, where other modules own --config).
+_FLAGS = {}
+
+
+def _define_flags() -> None:
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path[:variant])."
+  )
+  _FLAGS["target"] = flags.DEFINE_string(
+    "target", "all", f"One of {sorted(TARGETS)} or 'all' (comma-separated)."
+  )
+  _FLAGS["target_overrides"] = flags.DEFINE_bool(
+    "target_overrides", True, "Apply the target's recommended settings (TARGETS) to the config."
+  )
+  _FLAGS["prompt_len"] = flags.DEFINE_integer(
+    "prompt_len", 256, "Prompt width (posttrain pads prompts to the longest training prompt)."
+  )
+  _FLAGS["out"] = flags.DEFINE_string("out", "", "Append the markdown table's rows to this file.")
+  _FLAGS["steps"] = flags.DEFINE_list(
+    "steps", ["sampler", "prepare", "update"], "Steps to compile."
+  )
+
+
+def target_names(arg: str) -> list[str]:
+  names = sorted(TARGETS) if arg == "all" else [a for a in arg.split(",") if a]
+  unknown = [n for n in names if n not in TARGETS]
+  if unknown:
+    raise ValueError(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)} or 'all'")
+  return names
+
+
+def _device_count_from_argv(argv: list[str]) -> int:
+  """The largest target asked for, read before absl parses (XLA_FLAGS must precede importing jax)."""
+  arg = "all"
+  for i, a in enumerate(argv):
+    if a.startswith("--target="):
+      arg = a.split("=", 1)[1]
+    elif a == "--target" and i + 1 < len(argv):
+      arg = argv[i + 1]
+  try:
+    return max(TARGETS[n].devices for n in target_names(arg))
+  except ValueError:
+    return 8  # absl reports the bad flag
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (jax is imported by the functions below, after main() has set XLA_FLAGS)
+
+
+def size(x: float) -> str:
+  for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if x >= scale:
+      return f"{x / scale:.2f} {unit}"
+  return f"{int(x)} B"
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of `ShapeDtypeStruct`s with shardings (the largest shard)."""
+  import jax
+  import numpy as np
+
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def apply_overrides(config, overrides) -> None:
+  for key, value in overrides:
+    section, name = key.split(".")
+    config[section][name] = value
+
+
+@dataclasses.dataclass
+class StepMemory:
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  code: int
+  non_resident_arguments: int  # of `argument`, what is not among the resident buffers (prompts, i)
+  compile_s: float
+
+  @property
+  def peak_over_resident(self) -> int:
+    return self.non_resident_arguments + self.output - self.alias + self.temp + self.code
+
+
+def _step_memory(compiled, non_resident_arguments: int, compile_s: float) -> StepMemory:
+  m = compiled.memory_analysis()
+  return StepMemory(
+    argument=int(m.argument_size_in_bytes),
+    output=int(m.output_size_in_bytes),
+    alias=int(m.alias_size_in_bytes),
+    temp=int(m.temp_size_in_bytes),
+    code=int(m.generated_code_size_in_bytes),
+    non_resident_arguments=non_resident_arguments,
+    compile_s=compile_s,
+  )
+
+
+def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"), log=print):
+  """Compiles the requested steps of `config` on `devices` with abstract inputs and returns a dict of
+  per-device bytes: `resident` (and its parts), one `StepMemory` per step, `peak`, and `analytic`."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from trafl_jax import model as model_lib
+  from trafl_jax import posttrain, rl, sampler, sharding
+  from trafl_jax import state as state_lib
+  from trafl_jax import train as train_lib
+
+  r = config.rl
+  cfg = train_lib.model_config(config)
+  model = model_lib.Transformer(cfg)
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  rules = sharding.rules_from_config(config.rules.to_dict())
+  ocfg, scfg = posttrain.objective_config(config), posttrain.sampler_config(config)
+  g, rows = r.group_size, r.prompts_per_step * r.group_size
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % batch_devices:
+    raise ValueError(
+      f"{rows} rows (rl.prompts_per_step x rl.group_size) do not divide over the mesh's data x fsdp "
+      f"= {batch_devices} devices"
+    )
+  tx = state_lib.make_optimizer(
+    state_lib.OptimConfig(
+      lr=r.lr,
+      schedule="constant",
+      warmup_steps=r.warmup_steps,
+      min_lr_ratio=1.0,
+      weight_decay=r.weight_decay,
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      grad_clip=r.grad_clip,
+      total_steps=r.num_steps,
+    )
+  )
+  abstract_state, shardings = rl.state_shardings(model, tx, r.log_z_lr, config.seed, mesh, rules)
+  ref_dtype = jnp.dtype(r.reference_dtype)
+  abstract_ref = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), abstract_state.params
+  )
+  t = prompt_len + r.gen_length
+  batch_sh = rl.batch_shardings(mesh, rules)
+  shapes = {
+    "tokens": ((rows, t), jnp.int32),
+    "valid": ((rows, t), jnp.bool_),
+    "prompt": ((rows, t), jnp.bool_),
+    "completion": ((rows, t), jnp.bool_),
+    "rewards": ((rows,), jnp.float32),
+  }
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()
+  }
+  prepare, update, _ = rl.jit_steps(
+    model, ocfg, r.num_inner_updates, g, shardings, shardings.params, mesh, rules
+  )
+  prepared_sh = rl.prepared_shardings(mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    prepared_shapes = jax.eval_shape(prepare, abstract_state, abstract_ref, abstract_batch)
+  abstract_prepared = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=prepared_sh[k])
+    for k, v in prepared_shapes.items()
+  }
+  resident = {
+    "state": per_device_bytes(abstract_state),
+    "reference": per_device_bytes(abstract_ref),
+    "batch": per_device_bytes(abstract_batch),
+    "prepared": per_device_bytes(abstract_prepared),
+  }
+  resident["total"] = sum(resident.values())
+  out = {
+    "mesh": dict(mesh.shape),
+    "devices": mesh.size,
+    "rows": rows,
+    "seq_len": t,
+    "resident": resident,
+    "steps": {},
+  }
+
+  # XLA drops arguments a step does not read (prepare never reads the optimizer moments), so a step's
+  # `argument` size can be below the resident bytes it is passed: count the non-resident ones directly.
+  def compile_step(name, fn, args, non_resident_args):
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      compiled = fn.lower(*args).compile()
+    step = _step_memory(compiled, non_resident_args, time.perf_counter() - t0)
+    out["steps"][name] = step
+    log(
+      f"  {name:8s} compiled in {step.compile_s:6.1f}s: arguments {size(step.argument)}, "
+      f"outputs {size(step.output)}, aliased {size(step.alias)}, temp {size(step.temp)}, "
+      f"code {size(step.code)} -> peak {size(resident['total'] + step.peak_over_resident)}"
+    )
+
+  replicated = sharding.replicated(mesh)
+  if "sampler" in steps:
+    generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings.params).jitted
+    prompt_sh = sharding.batch_sharding(mesh, rules)
+    key = jax.random.PRNGKey(0)
+    args = (
+      abstract_state.params,
+      jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=prompt_sh),
+      jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=prompt_sh),
+      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+    )
+    compile_step("sampler", generate, args, per_device_bytes(args[1:]))
+  if "prepare" in steps:
+    args = (abstract_state, abstract_ref, abstract_batch)
+    compile_step("prepare", prepare, args, 0)
+  if "update" in steps:
+    i = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    args = (abstract_state, abstract_batch, abstract_prepared, i)
+    compile_step("update", update, args, per_device_bytes(i))
+  out["peak"] = resident["total"] + max(
+    (s.peak_over_resident for s in out["steps"].values()), default=0
+  )
+  n_params, n_dev = cfg.num_params(), mesh.size
+  out["analytic"] = {
+    "params": n_params,
+    # policy f32 + AdamW's two f32 moments + the reference, spread over every device (FSDP x tensor)
+    "state_and_reference": n_params * (4 + 8 + ref_dtype.itemsize) / n_dev,
+    "gradients": n_params * 4 / n_dev,  # the update's largest temporary besides activations
+    # the log Z head and its Adam moments are replicated (2 x D x D weights: 0.4 GiB at D = 4096)
+    "log_z_head": per_device_bytes((abstract_state.log_z, abstract_state.log_z_opt_state)),
+  }
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+STEPS = ("sampler", "prepare", "update")
+
+
+def _gib(x) -> str:
+  return f"{x / GIB:.2f}"
+
+
+def fits(result: dict, target: Target) -> bool:
+  return result["peak"] <= FIT_FRACTION * target.hbm_gib * GIB
+
+
+def settings_of(config) -> str:
+  """The settings that move the memory, for the table."""
+  m, r = config.model, config.rl
+  return (
+    f"{r.objective}, {r.prompts_per_step}x{r.group_size} rows, I={r.num_inner_updates}, "
+    f"remat {m.remat}, ref {r.reference_dtype}, M={r.micro_batches}"
+  )
+
+
+def table_header() -> str:
+  steps = " | ".join(f"{s} temp / peak" for s in STEPS)
+  return (
+    f"| target | HBM | mesh (data, fsdp, tensor) | settings | {steps} | resident | analytic "
+    "state+ref | peak | fits? |\n" + "|---" * (9 + len(STEPS) - 1) + "|"
+  )
+
+
+def table_row(name: str, target: Target, settings: str, result: dict) -> str:
+  """One markdown row; GiB per device."""
+  resident = result["resident"]["total"]
+  cells = []
+  for s in STEPS:
+    step = result["steps"].get(s)
+    cells.append(
+      "-" if step is None else f"{_gib(step.temp)} / {_gib(resident + step.peak_over_resident)}"
+    )
+  mesh = result["mesh"]
+  return (
+    f"| {name} | {target.hbm_gib:g} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
+    f"{settings} | {' | '.join(cells)} | {_gib(resident)} | "
+    f"{_gib(result['analytic']['state_and_reference'])} | {_gib(result['peak'])} | "
+    f"{'yes' if fits(result, target) else '**no**'} |"
+  )
+
+
+def report(name: str, target: Target, result: dict) -> None:
+  res, ana = result["resident"], result["analytic"]
+  peak, hbm = result["peak"], target.hbm_gib * GIB
+  print(
+    f"  resident {size(res['total'])} (state {size(res['state'])}, reference "
+    f"{size(res['reference'])}, batch {size(res['batch'])}, prepared {size(res['prepared'])}); "
+    f"analytic: params f32 + AdamW moments + reference over {result['devices']} devices "
+    f"{size(ana['state_and_reference'])} + replicated log Z head {size(ana['log_z_head'])}; "
+    f"gradients {size(ana['gradients'])}"
+  )
+  verdict = "FITS" if fits(result, target) else "DOES NOT FIT"
+  print(
+    f"  {name}: peak {size(peak)} of {target.hbm_gib:g} GiB HBM ({100 * peak / hbm:.0f}%; "
+    f"fits at or below {FIT_FRACTION:.0%}): {verdict}",
+    flush=True,
+  )
+
+
+def main(argv):
+  del argv
+  import jax
+
+  config = cli.load_config(_FLAGS["config"])
+  names = target_names(_FLAGS["target"].value)
+  rows = []
+  for name in names:
+    target = TARGETS[name]
+    c = config.copy_and_resolve_references()
+    if _FLAGS["target_overrides"].value:
+      apply_overrides(c, target.overrides)
+    print(f"{name}: {target.note}, {target.hbm_gib:g} GiB per device; {settings_of(c)}", flush=True)
+    devices = jax.devices()[: target.devices]
+    try:
+      result = plan(c, devices, _FLAGS["prompt_len"].value, tuple(_FLAGS["steps"].value))
+    except ValueError as e:
+      print(f"  error: {e}", flush=True)
+      continue
+    report(name, target, result)
+    rows.append(table_row(name, target, settings_of(c), result))
+  print("\n".join([table_header(), *rows]))
+  out = _FLAGS["out"].value
+  if out and rows:
+    new_file = not os.path.exists(out) or os.path.getsize(out) == 0
+    with open(out, "a", encoding="utf-8") as f:
+      f.write("\n".join(([table_header()] if new_file else []) + rows) + "\n")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  n = _device_count_from_argv(sys.argv)
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+  ).strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even on an accelerator host
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=cli.parse_flags)

@@ -79,6 +79,13 @@ def _define_flags() -> None:
     "prompt_len", 256, "Prompt width (posttrain pads prompts to the longest training prompt)."
   )
   _FLAGS["out"] = flags.DEFINE_string("out", "", "Append the markdown table's rows to this file.")
+  _FLAGS["fake_devices"] = flags.DEFINE_bool(
+    "fake_devices",
+    True,
+    "Compile for fake CPU devices (the default: no accelerator needed). --nofake_devices compiles "
+    "for this host's own accelerators with their compiler (still nothing allocated): the check of "
+    "these estimates on real hardware.",
+  )
   _FLAGS["steps"] = flags.DEFINE_list(
     "steps", ["sampler", "prepare", "update"], "Steps to compile."
   )
@@ -374,6 +381,9 @@ def main(argv):
       apply_overrides(c, target.overrides)
     print(f"{name}: {target.note}, {target.hbm_gib:g} GiB per device; {settings_of(c)}", flush=True)
     devices = jax.devices()[: target.devices]
+    if len(devices) < target.devices:
+      print(f"  error: {name} needs {target.devices} devices, this host has {len(devices)}")
+      continue
     try:
       result = plan(c, devices, _FLAGS["prompt_len"].value, tuple(_FLAGS["steps"].value))
     except ValueError as e:
@@ -391,10 +401,11 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  n = _device_count_from_argv(sys.argv)
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-  ).strip()
-  os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even on an accelerator host
+  if not {"--nofake_devices", "--fake_devices=false", "--fake_devices=False"} & set(sys.argv):
+    n = _device_count_from_argv(sys.argv)
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even on an accelerator host
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=cli.parse_flags)

@@ -287,8 +287,9 @@ def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
       "logp_ref": logp_ref,
     }
 
-  # A loop, not an unrolled list: XLA kept all I iterations' activations alive at once when unrolled
-  # (diffu_grpo with d1's 12 inner updates needed 4x the memory of one; docs/scaling.md).
+  # A loop, not an unrolled list: unrolled, XLA kept every iteration's activations alive at once
+  # (diffu_grpo with d1's 12 inner updates: 28 GiB of temporaries a device on v4-32, not 8;
+  # docs/scaling.md).
   out = jax.lax.map(one, jnp.arange(num_inner))
   out["scored"] = scored_NxT
   return jax.lax.stop_gradient(out)

@@ -222,11 +222,13 @@ def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = 
   advantages are per group), all of the same size (the loss is then the mean of theirs)."""
   if group_size is not None and rows % group_size:
     raise ValueError(f"{rows} rows are not whole groups of rl.group_size = {group_size}")
-  units, what = (rows, "rows") if group_size is None else (rows // group_size, "prompt groups")
-  if units % micro_batches:
+  what = (
+    f"{rows} rows" if group_size is None else f"{rows // group_size} prompt groups ({rows} rows)"
+  )
+  if (rows if group_size is None else rows // group_size) % micro_batches:
     raise ValueError(
-      f"rl.micro_batches = {micro_batches} does not divide the batch's {units} {what} "
-      f"({rows} rows); micro-batches hold whole prompt groups, all of one size"
+      f"rl.micro_batches = {micro_batches} does not divide the batch's {what}; micro-batches "
+      "hold whole prompt groups, all of one size"
     )
 
 

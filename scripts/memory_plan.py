@@ -189,26 +189,8 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   rules = sharding.rules_from_config(config.rules.to_dict())
   ocfg, scfg = posttrain.objective_config(config), posttrain.sampler_config(config)
   g, rows = r.group_size, r.prompts_per_step * r.group_size
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if rows % batch_devices:
-    raise ValueError(
-      f"{rows} rows (rl.prompts_per_step x rl.group_size) do not divide over the mesh's data x fsdp "
-      f"= {batch_devices} devices"
-    )
-  tx = state_lib.make_optimizer(
-    state_lib.OptimConfig(
-      lr=r.lr,
-      schedule="constant",
-      warmup_steps=r.warmup_steps,
-      min_lr_ratio=1.0,
-      weight_decay=r.weight_decay,
-      b1=0.9,
-      b2=0.99,
-      eps=1e-8,
-      grad_clip=r.grad_clip,
-      total_steps=r.num_steps,
-    )
-  )
+  posttrain.check_rows(config, mesh)
+  tx = state_lib.make_optimizer(posttrain.optim_config(config))
   abstract_state, shardings = rl.state_shardings(model, tx, r.log_z_lr, config.seed, mesh, rules)
   ref_dtype = jnp.dtype(r.reference_dtype)
   abstract_ref = jax.tree.map(

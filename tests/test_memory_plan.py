@@ -111,5 +111,5 @@ def test_table_and_targets():
 def test_rows_that_do_not_divide_over_the_devices_are_named():
   config = _config()
   config.rl.prompts_per_step = 3  # 12 rows over 8 devices
-  with pytest.raises(ValueError, match="12 rows .* do not divide over the mesh's data x fsdp = 8"):
+  with pytest.raises(ValueError, match="= 12 rows do not divide over the mesh's data x fsdp = 8"):
     memory_plan.plan(config, jax.devices()[:8], 32, steps=())

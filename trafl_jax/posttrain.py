@@ -43,6 +43,36 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler.SamplerConfig:
   )
 
 
+def optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
+  """The policy's AdamW: constant rate after warmup (post-training runs are short)."""
+  r = config.rl
+  return state_lib.OptimConfig(
+    lr=r.lr,
+    schedule="constant",
+    warmup_steps=r.warmup_steps,
+    min_lr_ratio=1.0,
+    weight_decay=r.weight_decay,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    grad_clip=r.grad_clip,
+    total_steps=r.num_steps,
+  )
+
+
+def check_rows(config: ml_collections.ConfigDict, mesh) -> None:
+  """The rollout batch's rows must divide over the devices the batch is split on."""
+  rows, devices = (
+    config.rl.prompts_per_step * config.rl.group_size,
+    mesh.shape["data"] * mesh.shape["fsdp"],
+  )
+  if rows % devices:
+    raise ValueError(
+      f"rl.prompts_per_step x rl.group_size = {rows} rows do not divide over "
+      f"the mesh's data x fsdp = {devices} devices"
+    )
+
+
 def _copy_tokenizer(tokenizer_file: str, workdir: str) -> None:
   """The run's checkpoints load with the reference's tokenizer (sample.find_tokenizer looks here)."""
   if tokenizer_file.endswith(".json"):
@@ -96,11 +126,7 @@ def run(
   if jax.process_index() == 0:
     _copy_tokenizer(ref.tokenizer_file, workdir)
   g = r.group_size
-  if r.prompts_per_step * g % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(
-      f"rl.prompts_per_step x rl.group_size = {r.prompts_per_step * g} rows do not divide over "
-      f"the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
-    )
+  check_rows(config, mesh)
   process, local_prompts = jax.process_index(), r.prompts_per_step // jax.process_count()
   if r.prompts_per_step % jax.process_count():
     raise ValueError(
@@ -123,19 +149,7 @@ def run(
       lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
     )(ref.params)
 
-  ocfg_optim = state_lib.OptimConfig(
-    lr=r.lr,
-    schedule="constant",
-    warmup_steps=r.warmup_steps,
-    min_lr_ratio=1.0,
-    weight_decay=r.weight_decay,
-    b1=0.9,
-    b2=0.99,
-    eps=1e-8,
-    grad_clip=r.grad_clip,
-    total_steps=r.num_steps,
-  )
-  tx = state_lib.make_optimizer(ocfg_optim)
+  tx = state_lib.make_optimizer(optim_config(config))
   abstract, shardings = rl.state_shardings(model, tx, r.log_z_lr, config.seed, mesh, rules)
   ref_shardings = ref.param_shardings
   params, ref_params = cast(jnp.float32), cast(jnp.dtype(r.reference_dtype))

@@ -151,3 +151,19 @@ def test_post_training_without_a_reference_is_named(tmp_path):
   with pytest.raises(ValueError, match="rl.reference"):
     pipeline.run(code.get_config("cpu"), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_library_info_chatter_is_filtered_but_warnings_and_our_logs_are_not():
+  import logging as std_logging
+
+  from trafl_jax import cli
+
+  quiet = cli._QuietLibraries()
+
+  def record(path, level):
+    return std_logging.LogRecord("x", level, path, 1, "message", None, None)
+
+  orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+  assert not quiet.filter(record(orbax, std_logging.INFO))
+  assert quiet.filter(record(orbax, std_logging.WARNING))
+  assert quiet.filter(record("/work/trafl_jax/train.py", std_logging.INFO))

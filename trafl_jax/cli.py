@@ -3,6 +3,7 @@ line (no traceback), default workdirs, and quiet library logs."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -43,7 +44,8 @@ class _QuietLibraries:
   """Keeps orbax's and grain's per-save INFO chatter out of the console (warnings still show)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(
+    # Python's level numbers (absl.logging.WARNING is absl's verbosity, -1, which every record passes).
+    return record.levelno >= std_logging.WARNING or not any(
       lib in record.pathname for lib in ("orbax", "grain", "xla_bridge")
     )
 

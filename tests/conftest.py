@@ -14,3 +14,21 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def small_model_config(**overrides):
+  """The small transformer most tests use (special ids: pad 0, eos 3, mask 4); override any field."""
+  from trafl_jax import model as model_lib
+
+  values = dict(
+    vocab_size=32,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden=48,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+  )
+  return model_lib.ModelConfig(**{**values, **overrides})

@@ -17,17 +17,9 @@ from trafl_jax import diffusion, objectives, rl
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
-CFG = model_lib.ModelConfig(
-  vocab_size=16,
-  d_model=32,
-  n_layers=1,
-  n_heads=2,
-  n_kv_heads=2,
-  mlp_hidden=32,
-  mask_token_id=4,
-  eos_token_id=3,
-  pad_token_id=0,
-)
+from .conftest import small_model_config
+
+CFG = small_model_config(vocab_size=16, n_layers=1, n_heads=2, mlp_hidden=32)
 MODEL = model_lib.Transformer(CFG)
 CORRECT = np.array([8, 9, 10])
 ANSWERS = np.arange(

@@ -15,17 +15,9 @@ from configs import common
 from trafl_jax import model as model_lib
 from trafl_jax import objectives, rl, sharding
 
-CFG = model_lib.ModelConfig(
-  vocab_size=32,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  mlp_hidden=48,
-  mask_token_id=4,
-  eos_token_id=3,
-  pad_token_id=0,
-)
+from .conftest import small_model_config
+
+CFG = small_model_config()
 MODEL = model_lib.Transformer(CFG)
 PROMPT, COMPLETION = 5, 8
 

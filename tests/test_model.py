@@ -14,17 +14,9 @@ from trafl_jax import model as model_lib
 from trafl_jax import sharding
 from trafl_jax import state as state_lib
 
-TINY = model_lib.ModelConfig(
-  vocab_size=64,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  mlp_hidden=48,
-  mask_token_id=4,
-  eos_token_id=3,
-  pad_token_id=0,
-)
+from .conftest import small_model_config
+
+TINY = small_model_config(vocab_size=64)
 
 
 def _init(cfg, seq_len=12, seed=0):

@@ -17,7 +17,7 @@ from trafl_jax import convert, sample
 from trafl_jax import model as model_lib
 from trafl_jax import train as train_lib
 
-from .conftest import ROOT
+from .conftest import ROOT, small_model_config
 
 PROMPTS = [
   "Numbers: 3 7 12. Target: 33.\n",
@@ -89,17 +89,7 @@ def _hf_checkpoint(path):
   tok.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
     json.dump({"chat_template": LLADA_TEMPLATE, "bos_token": "<|startoftext|>"}, f)
-  cfg = model_lib.ModelConfig(
-    vocab_size=32,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    mlp_hidden=48,
-    mask_token_id=4,
-    eos_token_id=3,
-    pad_token_id=3,
-  )
+  cfg = small_model_config(pad_token_id=3)
   params = model_lib.Transformer(cfg).init(
     jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)
   )["params"]

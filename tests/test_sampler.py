@@ -13,17 +13,9 @@ from trafl_jax import model as model_lib
 from trafl_jax import sampler, sharding
 from trafl_jax import state as state_lib
 
-CFG = model_lib.ModelConfig(
-  vocab_size=48,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  mlp_hidden=48,
-  mask_token_id=4,
-  eos_token_id=3,
-  pad_token_id=0,
-)
+from .conftest import small_model_config
+
+CFG = small_model_config(vocab_size=48)
 MODEL = model_lib.Transformer(CFG)
 SAMPLE = sampler.SamplerConfig(gen_length=24, steps=9, block_length=8, temperature=0.0)
 

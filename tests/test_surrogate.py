@@ -9,17 +9,9 @@ from flax import linen as nn
 from trafl_jax import diffusion
 from trafl_jax import model as model_lib
 
-CFG = model_lib.ModelConfig(
-  vocab_size=32,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=4,
-  mlp_hidden=48,
-  mask_token_id=4,
-  eos_token_id=3,
-  pad_token_id=0,
-)
+from .conftest import small_model_config
+
+CFG = small_model_config(n_kv_heads=4)
 MODEL = model_lib.Transformer(CFG)
 
 

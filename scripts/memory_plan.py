@@ -22,6 +22,8 @@ only non-resident arguments). The plan's peak is the largest step's.
 `--target` picks the device count and HBM; unless `--notarget_overrides`, the target's recommended settings
 (TARGETS below: the mesh split, micro-batches) are applied on top of the config. XLA:CPU's buffer assignment
 is not TPU's or GPU's (fusion, bfloat16 handling, scheduling differ): these are estimates (docs/scaling.md).
+`--tpu_compile` compiles the TPU targets with XLA:TPU for their topology instead, still without TPUs
+(needs libtpu; see the flag).
 """
 
 from __future__ import annotations
@@ -49,13 +51,21 @@ class Target:
     tuple[str, object], ...
   ] = ()  # recommended config settings ("section.key", value)
   note: str = ""
+  # --tpu_compile: the TPU topology compiled for without the hardware (jax.experimental.topologies), and
+  # settings on top of `overrides` where its devices differ from the target's.
+  topology: str = ""
+  topology_overrides: tuple[tuple[str, object], ...] = ()
 
 
 TARGETS = {
   # 64 chips x 16 GiB. The 48 rows of 8 prompts x 6 do not divide over 64 devices: FSDP over 16 and
   # tensor parallelism over 4 (heads, MLP and vocabulary split; rows 3 per FSDP group).
-  "v5e-64": Target(64, 16.0, (("mesh.fsdp", 16), ("mesh.tensor", 4)), "TPU v5e, 64 chips"),
-  "v5p-32": Target(16, 95.0, (), "TPU v5p, 16 chips (32 TensorCores)"),
+  "v5e-64": Target(
+    64, 16.0, (("mesh.fsdp", 16), ("mesh.tensor", 4)), "TPU v5e, 64 chips", "v5e:8x8"
+  ),
+  "v5p-32": Target(16, 95.0, (), "TPU v5p, 16 chips (32 TensorCores)", "v5p:2x2x4"),
+  # No --tpu_compile for v4: its deviceless topology has one device per TensorCore, and JAX's mesh
+  # builder refuses those ("megacore" mode, one device per chip, is what v4 runs with).
   "v4-32": Target(16, 32.0, (), "TPU v4, 16 chips (32 TensorCores)"),
   "h100x8": Target(8, 80.0, (), "8 x H100 80GB (one node)"),
 }
@@ -85,6 +95,12 @@ def _define_flags() -> None:
     "Compile for fake CPU devices (the default: no accelerator needed). --nofake_devices compiles "
     "for this host's own accelerators with their compiler (still nothing allocated): the check of "
     "these estimates on real hardware.",
+  )
+  _FLAGS["tpu_compile"] = flags.DEFINE_bool(
+    "tpu_compile",
+    False,
+    "Compile the TPU targets with XLA:TPU for their topology, without TPUs (needs libtpu: "
+    "pip install 'libtpu==0.0.42.*', the version jax[tpu]==0.10.2 pins). GPU targets are skipped.",
   )
   _FLAGS["steps"] = flags.DEFINE_list(
     "steps", ["sampler", "prepare", "update"], "Steps to compile."
@@ -349,6 +365,22 @@ def report(name: str, target: Target, result: dict) -> None:
   )
 
 
+def topology_target(target: Target) -> tuple[Target, list]:
+  """The target as its deviceless TPU topology presents it, and that topology's devices."""
+  from jax.experimental import topologies
+
+  devices = list(topologies.get_topology_desc(target.topology, "tpu").devices)
+  per_device = target.hbm_gib * target.devices / len(devices)
+  note = f"{target.note}; XLA:TPU, topology {target.topology} ({len(devices)} devices)"
+  return dataclasses.replace(
+    target,
+    devices=len(devices),
+    hbm_gib=per_device,
+    overrides=target.overrides + target.topology_overrides,
+    note=note,
+  ), devices
+
+
 def main(argv):
   del argv
   import jax
@@ -358,11 +390,17 @@ def main(argv):
   rows = []
   for name in names:
     target = TARGETS[name]
+    if _FLAGS["tpu_compile"].value:
+      if not target.topology:
+        print(f"{name}: skipped (no deviceless topology for --tpu_compile)")
+        continue
+      target, devices = topology_target(target)
+    else:
+      devices = jax.devices()[: target.devices]
     c = config.copy_and_resolve_references()
     if _FLAGS["target_overrides"].value:
       apply_overrides(c, target.overrides)
     print(f"{name}: {target.note}, {target.hbm_gib:g} GiB per device; {settings_of(c)}", flush=True)
-    devices = jax.devices()[: target.devices]
     if len(devices) < target.devices:
       print(f"  error: {name} needs {target.devices} devices, this host has {len(devices)}")
       continue
@@ -389,5 +427,10 @@ if __name__ == "__main__":
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
     ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even on an accelerator host
+  if {"--tpu_compile", "--tpu_compile=true", "--tpu_compile=True"} & set(sys.argv):
+    # Deviceless: libtpu must not look for this host's TPU metadata.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=cli.parse_flags)

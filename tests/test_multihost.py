@@ -225,3 +225,24 @@ def test_scoring_work_is_split_over_processes_and_gathered_in_order(tmp_path):
     assert result["out"] == [
       len(item) * 0.5 for item in items
     ]  # and every process has all, in order
+
+
+def test_main_names_missing_multi_process_settings(tmp_path):
+  out = subprocess.run(
+    [
+      "python3",
+      "-m",
+      "trafl_jax.main",
+      "--config=configs/math.py:tiny",
+      f"--workdir={tmp_path}",
+      "--num_processes=2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"},
+  )
+  assert out.returncode == 1
+  assert "error: a multi-process run also needs --coordinator_address" in out.stderr
+  assert "--process_id" in out.stderr
+  assert not any(tmp_path.iterdir())  # nothing was started or written

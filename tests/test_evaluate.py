@@ -1,9 +1,11 @@
 """Evaluation: the pass@k estimator, diversity/locking metrics, reports, and an interrupted run resuming."""
 
+import dataclasses
 import itertools
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -126,3 +128,22 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
   second = evaluate.run(cfg, [run_dir], workdir, labels=["ref"], show_progress=False)
   assert calls == [3]
   assert second["results"][0]["pass@1"] == pytest.approx(row["pass@1"])  # same seeds, same samples
+
+  # Checkpoints load on the run's mesh: an FSDP config shards the parameters instead of replicating them.
+  fsdp = dataclasses.replace(cfg, mesh=(("data", 1), ("fsdp", -1), ("tensor", 1)))
+  loaded = []
+  original_checkpoint = evaluate.evaluate_checkpoint
+  monkeypatch.setattr(
+    evaluate,
+    "evaluate_checkpoint",
+    lambda g, *a, **k: loaded.append(g) or original_checkpoint(g, *a, **k),
+  )
+  evaluate.run(fsdp, [run_dir], workdir, labels=["ref"], show_progress=False)
+  assert loaded[0].mesh.shape["fsdp"] == 8
+  specs = [leaf.sharding.spec for leaf in jax.tree.leaves(loaded[0].params)]
+  assert any("fsdp" in spec for spec in specs)
+  assert evaluate.eval_config(math_config.get_config("gsm8k")).mesh == (
+    ("data", 1),
+    ("fsdp", -1),
+    ("tensor", 1),
+  )

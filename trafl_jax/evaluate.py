@@ -49,6 +49,9 @@ class EvalConfig:
   seed: int
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
+  # The mesh checkpoints are loaded on ((axis, size), ...); empty: data parallel over every device. An 8B
+  # model needs the run's FSDP split: replicated, its float32 parameters alone are 32 GB per device.
+  mesh: tuple[tuple[str, int], ...] = ()
 
   def load(self, task: str, path: str | None):
     kw = {}
@@ -255,7 +258,7 @@ def run(
   done: dict[tuple, dict] = {}
   try:
     for checkpoint, label in zip(checkpoints, labels):
-      generator = sample.Generator.load(checkpoint)
+      generator = sample.Generator.load(checkpoint, mesh=dict(cfg.mesh) or None)
       done.update(evaluate_checkpoint(generator, label, cfg, workdir, progress))
   finally:
     progress.close()
@@ -305,6 +308,7 @@ def eval_config(config) -> EvalConfig:
     seed=e.seed,
     countdown_numbers=config.data.countdown_numbers,
     countdown_max_number=config.data.countdown_max_number,
+    mesh=tuple((k, int(v)) for k, v in config.mesh.to_dict().items()),
   )
 
 

@@ -103,7 +103,9 @@ def _define_flags() -> None:
     "pip install 'libtpu==0.0.42.*', the version jax[tpu]==0.10.2 pins). GPU targets are skipped.",
   )
   _FLAGS["steps"] = flags.DEFINE_list(
-    "steps", ["sampler", "prepare", "update"], "Steps to compile."
+    "steps",
+    ["sampler", "prepare", "update", "evaluate"],
+    "Steps to compile (evaluate: the evaluation stage's sampler, a stage of its own).",
   )
 
 
@@ -286,6 +288,8 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   out["peak"] = resident["total"] + max(
     (s.peak_over_resident for s in out["steps"].values()), default=0
   )
+  if "evaluate" in steps:
+    out["evaluate"] = _evaluate_step(config, model, mesh, rules, shardings.params, prompt_len, log)
   n_params, n_dev = cfg.num_params(), mesh.size
   out["analytic"] = {
     "params": n_params,
@@ -298,6 +302,53 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   return out
 
 
+def _evaluate_step(config, model, mesh, rules, param_shardings, prompt_len: int, log) -> StepMemory:
+  """The evaluation stage's sampler (a stage of its own: nothing of post-training stays resident): a
+  checkpoint's float32 parameters on the run's mesh, `eval.batch_size` rows (rounded up to the data
+  devices, as `Generator.generate` does) at the longest `eval.gen_lengths`."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from trafl_jax import evaluate, sampler, sharding
+  from trafl_jax import state as state_lib
+
+  settings = evaluate.sampler_settings(evaluate.eval_config(config), max(config.eval.gen_lengths))
+  scfg = sampler.SamplerConfig(
+    gen_length=settings["gen_length"],
+    steps=settings["steps"],
+    block_length=settings["block_length"],
+    temperature=config.eval.temperature,
+    remasking=settings["remasking"],
+  )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = -(-config.eval.batch_size // shards) * shards
+  prompt_sh = sharding.batch_sharding(mesh, rules)
+  abstract_params = jax.tree.map(
+    lambda s, a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+    param_shardings,
+    jax.eval_shape(lambda: nn.unbox(state_lib.init_params(model, jax.random.PRNGKey(0), 8))),
+  )
+  key = jax.random.PRNGKey(0)
+  args = (
+    abstract_params,
+    jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=prompt_sh),
+    jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=prompt_sh),
+    jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh)),
+  )
+  generate = sampler.make_generate_fn(model, scfg, mesh, rules, param_shardings).jitted
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = generate.lower(*args).compile()
+  step = _step_memory(compiled, per_device_bytes(args), time.perf_counter() - t0)
+  log(
+    f"  evaluate compiled in {step.compile_s:6.1f}s ({rows} rows, {scfg.gen_length} tokens, "
+    f"float32 parameters; its own stage): arguments {size(step.argument)}, temp {size(step.temp)}, "
+    f"code {size(step.code)} -> peak {size(step.peak_over_resident)}"
+  )
+  return step
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
@@ -308,8 +359,14 @@ def _gib(x) -> str:
   return f"{x / GIB:.2f}"
 
 
+def overall_peak(result: dict) -> int:
+  """Post-training's peak or the evaluation stage's, whichever is larger."""
+  evaluate = result.get("evaluate")
+  return max(result["peak"], evaluate.peak_over_resident if evaluate else 0)
+
+
 def fits(result: dict, target: Target) -> bool:
-  return result["peak"] <= FIT_FRACTION * target.hbm_gib * GIB
+  return overall_peak(result) <= FIT_FRACTION * target.hbm_gib * GIB
 
 
 def settings_of(config) -> str:
@@ -325,7 +382,7 @@ def table_header() -> str:
   steps = " | ".join(f"{s} temp / peak" for s in STEPS)
   return (
     f"| target | HBM | mesh (data, fsdp, tensor) | settings | {steps} | resident | analytic "
-    "state+ref | peak | fits? |\n" + "|---" * (9 + len(STEPS) - 1) + "|"
+    "state+ref | evaluation stage peak | peak | fits? |\n" + "|---" * (10 + len(STEPS) - 1) + "|"
   )
 
 
@@ -339,10 +396,12 @@ def table_row(name: str, target: Target, settings: str, result: dict) -> str:
       "-" if step is None else f"{_gib(step.temp)} / {_gib(resident + step.peak_over_resident)}"
     )
   mesh = result["mesh"]
+  evaluate = result.get("evaluate")
   return (
     f"| {name} | {target.hbm_gib:g} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
     f"{settings} | {' | '.join(cells)} | {_gib(resident)} | "
-    f"{_gib(result['analytic']['state_and_reference'])} | {_gib(result['peak'])} | "
+    f"{_gib(result['analytic']['state_and_reference'])} | "
+    f"{_gib(evaluate.peak_over_resident) if evaluate else '-'} | {_gib(overall_peak(result))} | "
     f"{'yes' if fits(result, target) else '**no**'} |"
   )
 
@@ -358,6 +417,9 @@ def report(name: str, target: Target, result: dict) -> None:
     f"gradients {size(ana['gradients'])}"
   )
   verdict = "FITS" if fits(result, target) else "DOES NOT FIT"
+  if result.get("evaluate"):
+    print(f"  evaluation stage peak {size(result['evaluate'].peak_over_resident)}")
+    peak = overall_peak(result)
   print(
     f"  {name}: peak {size(peak)} of {target.hbm_gib:g} GiB HBM ({100 * peak / hbm:.0f}%; "
     f"fits at or below {FIT_FRACTION:.0%}): {verdict}",

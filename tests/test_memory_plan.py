@@ -113,3 +113,18 @@ def test_rows_that_do_not_divide_over_the_devices_are_named():
   config.rl.prompts_per_step = 3  # 12 rows over 8 devices
   with pytest.raises(ValueError, match="= 12 rows do not divide over the mesh's data x fsdp = 8"):
     memory_plan.plan(config, jax.devices()[:8], 32, steps=())
+
+
+def test_the_evaluation_stage_is_planned_as_a_stage_of_its_own():
+  config = _config()
+  config.eval.batch_size = (
+    12  # rounded up to 16 rows over the 8 devices, as Generator.generate does
+  )
+  result = memory_plan.plan(config, jax.devices()[:8], 32, steps=("evaluate",), log=lambda _: None)
+  evaluate = result["evaluate"]
+  # Its arguments: float32 parameters on the run's mesh (the float32 reference's bytes), 2 prompt rows
+  # a device (int32 tokens, bool validity) and the key; none of post-training's buffers.
+  assert result["resident"]["reference"] > 0
+  assert evaluate.non_resident_arguments == result["resident"]["reference"] + 2 * 32 * (4 + 1) + 8
+  assert evaluate.temp > 0
+  assert memory_plan.overall_peak(result) == max(result["peak"], evaluate.peak_over_resident)

@@ -289,7 +289,9 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     (s.peak_over_resident for s in out["steps"].values()), default=0
   )
   if "evaluate" in steps:
-    out["evaluate"] = _evaluate_step(config, model, mesh, rules, shardings.params, prompt_len, log)
+    out["evaluate"] = _evaluate_step(
+      config, model, mesh, rules, abstract_state.params, prompt_len, log
+    )
   n_params, n_dev = cfg.num_params(), mesh.size
   out["analytic"] = {
     "params": n_params,
@@ -302,7 +304,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   return out
 
 
-def _evaluate_step(config, model, mesh, rules, param_shardings, prompt_len: int, log) -> StepMemory:
+def _evaluate_step(config, model, mesh, rules, abstract_params, prompt_len: int, log) -> StepMemory:
   """The evaluation stage's sampler (a stage of its own: nothing of post-training stays resident): a
   checkpoint's float32 parameters on the run's mesh, `eval.batch_size` rows (rounded up to the data
   devices, as `Generator.generate` does) at the longest `eval.gen_lengths`."""
@@ -311,7 +313,6 @@ def _evaluate_step(config, model, mesh, rules, param_shardings, prompt_len: int,
   from flax import linen as nn
 
   from trafl_jax import evaluate, sampler, sharding
-  from trafl_jax import state as state_lib
 
   settings = evaluate.sampler_settings(evaluate.eval_config(config), max(config.eval.gen_lengths))
   scfg = sampler.SamplerConfig(
@@ -324,11 +325,6 @@ def _evaluate_step(config, model, mesh, rules, param_shardings, prompt_len: int,
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = -(-config.eval.batch_size // shards) * shards
   prompt_sh = sharding.batch_sharding(mesh, rules)
-  abstract_params = jax.tree.map(
-    lambda s, a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
-    param_shardings,
-    jax.eval_shape(lambda: nn.unbox(state_lib.init_params(model, jax.random.PRNGKey(0), 8))),
-  )
   key = jax.random.PRNGKey(0)
   args = (
     abstract_params,
@@ -336,6 +332,7 @@ def _evaluate_step(config, model, mesh, rules, param_shardings, prompt_len: int,
     jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=prompt_sh),
     jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh)),
   )
+  param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   generate = sampler.make_generate_fn(model, scfg, mesh, rules, param_shardings).jitted
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

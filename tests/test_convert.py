@@ -14,7 +14,7 @@ import pytest
 from flax import linen as nn
 from safetensors import numpy as st_numpy
 
-from trafl_jax import checkpoint, convert
+from trafl_jax import checkpoint, convert, hf_format
 from trafl_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,15 +109,15 @@ def _model_tree_shapes(cfg):
 
 def test_config_from_hf_and_back(tmp_path):
   src = _write_hf_dir(tmp_path / "hf", _torch_tensors())
-  cfg = convert.model_config_from_hf(src)
+  cfg = hf_format.model_config_from_hf(src)
   assert cfg == _cfg()
-  assert convert.model_config_from_hf(src, scan_layers=False).scan_layers is False
-  back = convert.hf_config_dict(cfg)
+  assert hf_format.model_config_from_hf(src, scan_layers=False).scan_layers is False
+  back = hf_format.hf_config_dict(cfg)
   assert back["architectures"] == ["LLaDAModelLM"] and back["model_type"] == "llada"
   assert {k: back[k] for k in HF_CONFIG if k != "mlp_ratio"} == {
     k: v for k, v in HF_CONFIG.items() if k != "mlp_ratio"
   }
-  assert convert.is_hf_dir(src) and not convert.is_hf_dir(str(tmp_path))
+  assert hf_format.is_hf_dir(src) and not hf_format.is_hf_dir(str(tmp_path))
 
 
 def test_config_padding_defaults_and_unsupported(tmp_path):
@@ -125,14 +125,14 @@ def test_config_padding_defaults_and_unsupported(tmp_path):
   # LLaDA pads the embedding beyond vocab_size; the tensor's rows decide.
   padded = dict(HF_CONFIG, vocab_size=V - 4, embedding_size=V, n_kv_heads=None)
   del padded["pad_token_id"]
-  cfg = convert.model_config_from_hf(_write_hf_dir(tmp_path / "a", tensors, padded))
+  cfg = hf_format.model_config_from_hf(_write_hf_dir(tmp_path / "a", tensors, padded))
   assert (cfg.vocab_size, cfg.n_kv_heads, cfg.pad_token_id) == (V, N, 61)
   small = {**tensors, P + "wte.weight": tensors[P + "wte.weight"][: V - 8]}
   with pytest.raises(ValueError, match="exceeds the embedding's 56 rows"):
-    convert.model_config_from_hf(_write_hf_dir(tmp_path / "b", small, padded))
+    hf_format.model_config_from_hf(_write_hf_dir(tmp_path / "b", small, padded))
   bad = dict(HF_CONFIG, activation_type="gelu", include_bias=True, weight_tying=True)
   with pytest.raises(ValueError, match="activation_type.*include_bias.*weight_tying"):
-    convert.model_config_from_hf(_write_hf_dir(tmp_path / "c", tensors, bad))
+    hf_format.model_config_from_hf(_write_hf_dir(tmp_path / "c", tensors, bad))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
@@ -140,11 +140,11 @@ def test_config_padding_defaults_and_unsupported(tmp_path):
 def test_hf_params_hf_round_trip_is_exact(dtype, scan):
   cfg = _cfg(scan_layers=scan, param_dtype=np.dtype(dtype).name)
   tensors = _torch_tensors(dtype)
-  params = convert.hf_to_params(tensors, cfg)
+  params = hf_format.hf_to_params(tensors, cfg)
   # Exactly the tree (paths, shapes, dtypes) the model creates.
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == _model_tree_shapes(cfg)
   assert ("blocks" in params) == scan and ("blocks_1" in params) == (not scan)
-  _bitwise_equal(convert.params_to_hf(params, cfg), tensors)
+  _bitwise_equal(hf_format.params_to_hf(params, cfg), tensors)
 
 
 def _reference_logits(t: dict, tokens_BxT: np.ndarray, valid_BxT: np.ndarray) -> np.ndarray:
@@ -190,8 +190,8 @@ def _reference_logits(t: dict, tokens_BxT: np.ndarray, valid_BxT: np.ndarray) ->
 def test_converted_params_match_numpy_reference(tmp_path, scan):
   tensors = _torch_tensors()
   src = _write_hf_dir(tmp_path / "hf", tensors, shards=3)
-  cfg = convert.model_config_from_hf(src, scan_layers=scan)
-  params, cfg = convert.load_hf_params(src, cfg)
+  cfg = hf_format.model_config_from_hf(src, scan_layers=scan)
+  params, cfg = hf_format.load_hf_params(src, cfg)
   tokens = np.random.default_rng(1).integers(0, V, (2, 10)).astype(np.int32)
   valid = np.ones((2, 10), bool)
   valid[1, 7:] = False
@@ -204,28 +204,28 @@ def test_converted_params_match_numpy_reference(tmp_path, scan):
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_read_sharded_and_write_hf(tmp_path, dtype):
   tensors = _torch_tensors(dtype)
-  single = convert.read_safetensors(_write_hf_dir(tmp_path / "one", tensors))
-  sharded = convert.read_safetensors(_write_hf_dir(tmp_path / "three", tensors, shards=3))
+  single = hf_format.read_safetensors(_write_hf_dir(tmp_path / "one", tensors))
+  sharded = hf_format.read_safetensors(_write_hf_dir(tmp_path / "three", tensors, shards=3))
   _bitwise_equal(single, tensors)
   _bitwise_equal(sharded, tensors)
-  up = convert.read_safetensors(str(tmp_path / "three"), dtype="float32")
+  up = hf_format.read_safetensors(str(tmp_path / "three"), dtype="float32")
   assert all(x.dtype == np.float32 for x in up.values())
 
-  params, cfg = convert.load_hf_params(str(tmp_path / "one"))
+  params, cfg = hf_format.load_hf_params(str(tmp_path / "one"))
   assert cfg.param_dtype == np.dtype(dtype).name
   out = tmp_path / "out"
   convert.write_hf(params, cfg, str(out), max_shard_bytes=4096, src_dir=str(tmp_path / "one"))
   index = json.loads((out / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
   assert (out / "tokenizer.json").read_text() == '{"fake": "tokenizer"}'
-  _bitwise_equal(convert.read_safetensors(str(out)), tensors)
-  assert convert.model_config_from_hf(str(out)) == dataclasses.replace(cfg, param_dtype="float32")
+  _bitwise_equal(hf_format.read_safetensors(str(out)), tensors)
+  assert hf_format.model_config_from_hf(str(out)) == dataclasses.replace(cfg, param_dtype="float32")
   # The file records true BF16 / F32 tensors, as torch reads them.
   raw = (out / index["weight_map"][P + "wte.weight"]).read_bytes()
   header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
   assert header[P + "wte.weight"]["dtype"] == {np.float32: "F32"}.get(dtype, "BF16")
   convert.write_hf(params, cfg, str(tmp_path / "cast"), dtype="float32")
-  cast = convert.read_safetensors(str(tmp_path / "cast"))
+  cast = hf_format.read_safetensors(str(tmp_path / "cast"))
   assert (tmp_path / "cast" / "model.safetensors").exists()
   assert all(x.dtype == np.float32 for x in cast.values())
   with pytest.raises(ValueError, match="not empty"):
@@ -240,7 +240,7 @@ def test_bad_tensors_are_all_named(tmp_path):
   broken[P + "blocks.0.q_proj.bias"] = np.zeros(D, np.float32)
   broken[P + "blocks.1.k_proj.weight"] = np.zeros((D, D), np.float32)
   with pytest.raises(ValueError) as e:
-    convert.hf_to_params(broken, cfg)
+    hf_format.hf_to_params(broken, cfg)
   for part in (
     "missing model.transformer.blocks.1.q_proj.weight",
     "missing model.transformer.ln_f.weight",
@@ -248,10 +248,10 @@ def test_bad_tensors_are_all_named(tmp_path):
     "model.transformer.blocks.1.k_proj.weight has shape (32, 32), expected (16, 32)",
   ):
     assert part in str(e.value)
-  params = convert.hf_to_params(tensors, cfg)
+  params = hf_format.hf_to_params(tensors, cfg)
   del params["blocks"]["mlp"]["up_proj"]
   with pytest.raises(ValueError, match="missing blocks/mlp/up_proj/kernel"):
-    convert.params_to_hf(params, cfg)
+    hf_format.params_to_hf(params, cfg)
 
 
 def test_missing_shard_and_absent_tensor_are_named(tmp_path):
@@ -262,10 +262,10 @@ def test_missing_shard_and_absent_tensor_are_named(tmp_path):
   index["weight_map"][P + "blocks.9.extra.weight"] = "model-00002-of-00003.safetensors"
   index_path.write_text(json.dumps(index))
   with pytest.raises(ValueError, match=r"blocks\.9\.extra\.weight \(in model-00002-of-00003"):
-    convert.read_safetensors(str(src))
+    hf_format.read_safetensors(str(src))
   os.remove(src / "model-00003-of-00003.safetensors")
   with pytest.raises(FileNotFoundError, match="model-00003-of-00003.safetensors"):
-    convert.read_safetensors(str(src))
+    hf_format.read_safetensors(str(src))
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -287,8 +287,8 @@ def test_cli_hf_orbax_hf_round_trip(tmp_path, dtype):
   assert os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
   result = _cli(f"--src={ckpt}", f"--dst={back}", "--to=hf")
   assert result.returncode == 0, result.stderr
-  _bitwise_equal(convert.read_safetensors(back), tensors)
-  assert convert.model_config_from_hf(back) == convert.model_config_from_hf(src)
+  _bitwise_equal(hf_format.read_safetensors(back), tensors)
+  assert hf_format.model_config_from_hf(back) == hf_format.model_config_from_hf(src)
   assert os.path.isfile(os.path.join(back, "tokenizer.json"))
 
   # init_checkpoint's path: restore into the model's own (float32) params on a mesh of 8 devices.
@@ -303,7 +303,7 @@ def test_cli_hf_orbax_hf_round_trip(tmp_path, dtype):
     is_leaf=lambda x: isinstance(x, tuple),
   )
   restored = checkpoint.restore_params(ckpt, abstract)
-  expected = convert.hf_to_params({k: x.astype(np.float32) for k, x in tensors.items()}, target)
+  expected = hf_format.hf_to_params({k: x.astype(np.float32) for k, x in tensors.items()}, target)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, expected)
 
 
@@ -326,7 +326,7 @@ def test_training_checkpoint_to_hf(tmp_path):
   cfg = _cfg(scan_layers=False)
   tensors = _torch_tensors()
   step_dir = tmp_path / "work" / "checkpoints" / "20"
-  checkpoint.save_params(str(step_dir), jax.device_put(convert.hf_to_params(tensors, cfg)))
+  checkpoint.save_params(str(step_dir), jax.device_put(hf_format.hf_to_params(tensors, cfg)))
   (step_dir / "config").mkdir()
   run_config = {
     "model": {**dataclasses.asdict(cfg), "preset": "x"},
@@ -335,4 +335,4 @@ def test_training_checkpoint_to_hf(tmp_path):
   (step_dir / "config" / "metadata").write_text(json.dumps(run_config))
   assert convert.model_config_from_dir(str(tmp_path / "work")) == cfg
   convert.orbax_to_hf(str(tmp_path / "work"), str(tmp_path / "hf"))
-  _bitwise_equal(convert.read_safetensors(str(tmp_path / "hf")), tensors)
+  _bitwise_equal(hf_format.read_safetensors(str(tmp_path / "hf")), tensors)

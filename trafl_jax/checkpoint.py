@@ -24,8 +24,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
-from trafl_jax import sharding
+from trafl_jax import hf_format, sharding
 
 # What must match for a checkpoint to be resumed: a changed model cannot load the state, and a changed
 # data pipeline would silently replay the wrong batches from the saved iterator position.
@@ -205,10 +206,8 @@ def resolve_params_dir(path: str) -> str:
 def restore_params(path: str, abstract_params):
   """Reads parameters only into the given shardings, from a training checkpoint, a converted model,
   or a Hugging Face LLaDA directory (config.json + safetensors)."""
-  from trafl_jax import convert  # convert imports this module
-
-  if os.path.isdir(path) and convert.is_hf_dir(path):
-    params, _ = convert.load_hf_params(path)
+  if os.path.isdir(path) and hf_format.is_hf_dir(path):
+    params, _ = hf_format.load_hf_params(path)
     check_shapes(params, abstract_params, path)
     return jax.tree.map(
       lambda x, a: sharding.to_global(np.asarray(x).astype(a.dtype), a.sharding),
@@ -216,15 +215,17 @@ def restore_params(path: str, abstract_params):
       abstract_params,
     )
   params_dir = resolve_params_dir(path)
-  checkpointer = ocp.StandardCheckpointer()
   try:
-    metadata = checkpointer.metadata(params_dir).item_metadata
+    # The item's own metadata: a Checkpointer's `metadata` also reads the step-level
+    # _CHECKPOINT_METADATA file, which the params item of a CheckpointManager step does not have
+    # (orbax warned on every read of our training checkpoints).
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"init_checkpoint {params_dir} is corrupt or unreadable: {e}") from e
   tree = getattr(metadata, "tree", metadata)
   check_shapes(tree, abstract_params, params_dir)
   try:
-    return checkpointer.restore(params_dir, abstract_params)
+    return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"init_checkpoint {params_dir} is corrupt or unreadable: {e}") from e
 

@@ -1,0 +1,310 @@
+"""The Hugging Face LLaDA checkpoint format: tensor names <-> our params tree, config.json <-> ModelConfig.
+
+Reading an HF directory (single-file or sharded safetensors) into our params lives here, below both
+`checkpoint` (which loads HF directories as `init_checkpoint`) and `convert` (which writes converted
+directories). Conversion is a rename and a transpose (torch Linear weights are [out, in], flax Dense kernels
+[in, out]); with scanned layers each block tensor is stacked on a leading layer axis. Every check names all
+offending tensors; nothing is filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+
+import flax
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from trafl_jax import model as model_lib
+
+PREFIX = "model.transformer."
+CONFIG_JSON = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+# (name inside an HF block, path inside a flax Block, torch shape in D/K/F/V, torch Linear weight that
+# needs a transpose). D: d_model, K: n_kv_heads * head_dim, F: mlp_hidden, V: vocabulary.
+_BLOCK_MAP = (
+  ("attn_norm.weight", ("attn_norm", "scale"), "D", False),
+  ("q_proj.weight", ("attn", "q_proj", "kernel"), "DD", True),
+  ("k_proj.weight", ("attn", "k_proj", "kernel"), "KD", True),
+  ("v_proj.weight", ("attn", "v_proj", "kernel"), "KD", True),
+  ("attn_out.weight", ("attn", "attn_out", "kernel"), "DD", True),
+  ("ff_norm.weight", ("ff_norm", "scale"), "D", False),
+  ("ff_proj.weight", ("mlp", "ff_proj", "kernel"), "FD", True),  # the SiLU gate
+  ("up_proj.weight", ("mlp", "up_proj", "kernel"), "FD", True),
+  ("ff_out.weight", ("mlp", "ff_out", "kernel"), "DF", True),
+)
+_TOP_MAP = (
+  ("wte.weight", ("wte",), "VD", False),  # an embedding, not a Linear: [vocab, d] on both sides
+  ("ln_f.weight", ("ln_f", "scale"), "D", False),
+  ("ff_out.weight", ("ff_out", "kernel"), "VD", True),  # the untied output head
+)
+# LLaDAConfig fields that would change the computation: field -> the values this model implements.
+_SUPPORTED = {
+  "activation_type": (None, "silu", "swiglu"),
+  "layer_norm_type": (None, "rms"),
+  "block_type": (None, "llama"),
+  "rope": (None, True),
+  "layer_norm_with_affine": (None, True),
+  "clip_qkv": (None,),
+  **dict.fromkeys(
+    "include_bias include_qkv_bias bias_for_layer_norm weight_tying alibi scale_logits "  # noqa: SIM905
+    "input_emb_norm attention_layer_norm".split(),
+    (None, False),
+  ),
+}
+
+
+def _natural_key(name: str):
+  return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _mapping(cfg: model_lib.ModelConfig):
+  """Yields (hf name, flax path, layer index on the stacked axis or None, torch shape, transposed)."""
+  dims = dict(D=cfg.d_model, K=cfg.n_kv_heads * cfg.head_dim, F=cfg.mlp_hidden, V=cfg.vocab_size)
+  shape = lambda spec: tuple(dims[c] for c in spec)
+  name, path, spec, transposed = _TOP_MAP[0]
+  yield PREFIX + name, path, None, shape(spec), transposed
+  for i in range(cfg.n_layers):
+    for name, path, spec, transposed in _BLOCK_MAP:
+      hf_name = f"{PREFIX}blocks.{i}.{name}"
+      if cfg.scan_layers:
+        yield hf_name, ("blocks", *path), i, shape(spec), transposed
+      else:
+        yield hf_name, (f"blocks_{i}", *path), None, shape(spec), transposed
+  for name, path, spec, transposed in _TOP_MAP[1:]:
+    yield PREFIX + name, path, None, shape(spec), transposed
+
+
+def hf_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor of a LLaDA checkpoint and its torch shape."""
+  return {name: shape for name, _, _, shape, _ in _mapping(cfg)}
+
+
+def flax_shapes(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every leaf of `Transformer(cfg)`'s params (by path) and its shape."""
+  shapes = {}
+  for _, path, layer, shape, transposed in _mapping(cfg):
+    shape = shape[::-1] if transposed else shape
+    shapes[path] = shape if layer is None else (cfg.n_layers, *shape)
+  return shapes
+
+
+def _check(got: dict, want: dict, what: str) -> None:
+  """One error naming every missing, unexpected and misshapen tensor."""
+  show = lambda k: k if isinstance(k, str) else "/".join(k)
+  problems = [f"missing {show(k)}" for k in want if k not in got]
+  extra = sorted((k for k in got if k not in want), key=lambda k: _natural_key(show(k)))
+  problems += [f"unexpected {show(k)}" for k in extra]
+  problems += [
+    f"{show(k)} has shape {tuple(got[k])}, expected {tuple(want[k])}"
+    for k in want
+    if k in got and tuple(got[k]) != tuple(want[k])
+  ]
+  if problems:
+    raise ValueError(
+      f"{what} do not fit the model ({len(problems)} problems): {'; '.join(problems)}"
+    )
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], cfg: model_lib.ModelConfig) -> dict:
+  """Torch-layout LLaDA tensors -> the params tree of `model_lib.Transformer(cfg)` (numpy leaves)."""
+  _check({k: np.shape(x) for k, x in tensors.items()}, hf_shapes(cfg), "Hugging Face tensors")
+  params, stacks = {}, {}
+  for name, path, layer, _, transposed in _mapping(cfg):
+    x = tensors[name].T if transposed else tensors[name]
+    if layer is None:
+      _set(params, path, np.ascontiguousarray(x))
+    else:
+      stacks.setdefault(path, []).append(x)
+  for path, layers in stacks.items():
+    _set(params, path, np.stack(layers))
+  return params
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _flatten(params) -> dict[tuple[str, ...], np.ndarray]:
+  leaves = jax.tree_util.tree_leaves_with_path(flax.core.meta.unbox(params))
+  return {tuple(str(getattr(k, "key", k)) for k in p): np.asarray(x) for p, x in leaves}
+
+
+def params_to_hf(params, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
+  """The exact inverse of `hf_to_params` (accepts numpy or JAX leaves, boxed or not)."""
+  flat = _flatten(params)
+  _check({k: x.shape for k, x in flat.items()}, flax_shapes(cfg), "parameters")
+  tensors = {}
+  for name, path, layer, _, transposed in _mapping(cfg):
+    x = flat[path] if layer is None else flat[path][layer]
+    tensors[name] = np.ascontiguousarray(x.T if transposed else x)
+  return tensors
+
+
+def read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _weight_files(hf_dir: str) -> dict[str, list[str] | None]:
+  """file name -> the tensors the index lists in it (None: no index, take what the file holds)."""
+  if os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
+    return {SINGLE_FILE: None}
+  index_path = os.path.join(hf_dir, INDEX_FILE)
+  if os.path.isfile(index_path):
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index_path} has no weight_map")
+    files: dict[str, list[str]] = {}
+    for tensor, fname in weight_map.items():
+      files.setdefault(fname, []).append(tensor)
+    missing = [f for f in sorted(files) if not os.path.isfile(os.path.join(hf_dir, f))]
+    if missing:
+      raise FileNotFoundError(f"{index_path} lists shard files that are missing: {missing}")
+    return files
+  found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if not found:
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {hf_dir}")
+  return dict.fromkeys(found)
+
+
+def read_safetensors(hf_dir: str, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """All tensors of a single-file or sharded checkpoint; `dtype` (a DTYPES key) casts, None keeps."""
+  files = _weight_files(hf_dir)
+  absent, tensors = [], {}
+  for fname, listed in files.items():
+    path = os.path.join(hf_dir, fname)
+    try:
+      with safe_open(path, framework="np") as f:
+        keys = list(f.keys())
+        absent += [f"{t} (in {fname})" for t in listed or () if t not in set(keys)]
+        if absent:
+          continue  # report every absent tensor before reading any data
+        for key in keys:
+          if key in tensors:
+            raise ValueError(f"tensor {key} appears in more than one file of {hf_dir}")
+          tensors[key] = f.get_tensor(key)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- safetensors' own error types vary by version
+      raise ValueError(f"cannot read {path}: {e}") from e
+  if absent:
+    raise ValueError(f"tensors listed in {INDEX_FILE} are absent from their files: {absent}")
+  for key, x in tensors.items():
+    if x.dtype.name not in DTYPES:
+      raise ValueError(f"tensor {key} has dtype {x.dtype.name}; expected one of {list(DTYPES)}")
+    if dtype is not None and x.dtype != DTYPES[dtype]:
+      tensors[key] = x.astype(DTYPES[dtype])
+  return tensors
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_JSON)) and (
+    os.path.isfile(os.path.join(path, INDEX_FILE))
+    or bool(glob.glob(os.path.join(path, "*.safetensors")))
+  )
+
+
+def _wte_rows(hf_dir: str) -> int | None:
+  """The embedding's first dim from the safetensors header (no data read); None if not found."""
+  name = PREFIX + "wte.weight"
+  try:
+    for fname, listed in _weight_files(hf_dir).items():
+      if listed is None or name in listed:
+        with safe_open(os.path.join(hf_dir, fname), framework="np") as f:
+          names = f.keys()
+          if name in names:
+            return int(f.get_slice(name).get_shape()[0])
+  except Exception:  # noqa: BLE001 -- reading the weights reports the real problem later
+    return None
+  return None
+
+
+def model_config_from_hf(hf_dir: str, **overrides) -> model_lib.ModelConfig:
+  """ModelConfig from a LLaDA `config.json`; `overrides` set the compute-only fields (dtype, ...)."""
+  path = os.path.join(hf_dir, CONFIG_JSON)
+  c = read_json(path)
+  bad = [f"{k}={c.get(k)!r}" for k, ok in _SUPPORTED.items() if c.get(k) not in ok]
+  if bad:
+    raise ValueError(f"{path}: unsupported LLaDA settings (this model has no such variant): {bad}")
+  missing = [k for k in ("d_model", "n_heads", "n_layers", "vocab_size") if c.get(k) is None]
+  if missing:
+    raise ValueError(f"{path}: missing fields {missing}")
+  vocab = max(c["vocab_size"], c.get("embedding_size") or 0)
+  rows = _wte_rows(hf_dir)
+  if rows is not None:  # LLaDA pads the embedding; the tensor is the truth
+    if rows < c["vocab_size"]:
+      raise ValueError(f"{path}: vocab_size {c['vocab_size']} exceeds the embedding's {rows} rows")
+    vocab = rows
+  get = lambda k, default: default if c.get(k) is None else c[k]
+  first = lambda v: v[0] if isinstance(v, list) else v  # some configs list several ids
+  eos = first(get("eos_token_id", 126081))
+  eps = c.get("rms_norm_eps") or c.get("layer_norm_eps") or 1e-5
+  fields = dict(
+    vocab_size=vocab,
+    d_model=c["d_model"],
+    n_layers=c["n_layers"],
+    n_heads=c["n_heads"],
+    n_kv_heads=1 if c.get("multi_query_attention") else c.get("n_kv_heads") or c["n_heads"],
+    mlp_hidden=c.get("mlp_hidden_size") or get("mlp_ratio", 4) * c["d_model"],
+    mask_token_id=get("mask_token_id", 126336),
+    eos_token_id=eos,
+    pad_token_id=first(get("pad_token_id", eos)),
+    rope_theta=float(get("rope_theta", 10000.0)),
+    rms_norm_eps=float(eps),
+  )
+  return model_lib.ModelConfig(**{**fields, **overrides})
+
+
+def hf_config_dict(cfg: model_lib.ModelConfig) -> dict:
+  """The LLaDA `config.json` for `cfg` (the inverse of `model_config_from_hf`)."""
+  return {
+    "architectures": ["LLaDAModelLM"],
+    "model_type": "llada",
+    "d_model": cfg.d_model,
+    "n_heads": cfg.n_heads,
+    "n_kv_heads": cfg.n_kv_heads,
+    "n_layers": cfg.n_layers,
+    "mlp_hidden_size": cfg.mlp_hidden,
+    "vocab_size": cfg.vocab_size,
+    "embedding_size": cfg.vocab_size,
+    "rope_theta": cfg.rope_theta,
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "mask_token_id": cfg.mask_token_id,
+    "eos_token_id": cfg.eos_token_id,
+    "pad_token_id": cfg.pad_token_id,
+    "activation_type": "silu",
+    "block_type": "llama",
+    "layer_norm_type": "rms",
+    "rope": True,
+    "alibi": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "weight_tying": False,
+    "use_cache": False,
+  }
+
+
+def load_hf_params(hf_dir: str, cfg: model_lib.ModelConfig | None = None, dtype: str | None = None):
+  """(params, cfg) from an HF directory; the returned cfg's param_dtype is that of the params."""
+  cfg = cfg or model_config_from_hf(hf_dir)
+  tensors = read_safetensors(hf_dir, dtype)
+  if len({x.dtype for x in tensors.values()}) > 1:  # mixed files: one dtype, without loss
+    tensors = {k: x.astype(np.float32) for k, x in tensors.items()}
+  params = hf_to_params(tensors, cfg)
+  stored = next(iter(tensors.values())).dtype.name
+  return params, dataclasses.replace(cfg, param_dtype=stored)

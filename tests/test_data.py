@@ -5,7 +5,9 @@ Dimension legend: N rows, B batch, T = prompt_len + answer_len.
 
 import collections
 import fractions
+import gzip
 import json
+import logging
 import os
 
 import numpy as np
@@ -14,7 +16,7 @@ import tokenizers
 from tokenizers import models as tok_models
 from tokenizers import pre_tokenizers
 
-from trafl_jax import data
+from trafl_jax import data, jsonl
 from trafl_jax.tasks import countdown
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +149,32 @@ def test_load_jsonl_missing_file(tmp_path):
   path = str(tmp_path / "nope.jsonl")
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     data.load_jsonl(path)
+
+
+def test_jsonl_reader_reads_gzip_and_names_where_each_record_is(tmp_path):
+  path = tmp_path / "d.jsonl.gz"
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write('{"a": 1}\n\n{"a": 2}\n')
+  assert jsonl.read(str(path)) == [(f"{path}, line 1", {"a": 1}), (f"{path}, line 3", {"a": 2})]
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write('{"a": 1}\n{"a": \n')
+  with pytest.raises(ValueError, match=r"d.jsonl.gz, line 2: invalid JSON"):
+    jsonl.read(str(path))
+
+
+def test_jsonl_reader_skips_corrupt_lines_only_when_asked(tmp_path, caplog):
+  # What a kill mid-append leaves, and what the next run appends after it.
+  text = b'{"a": 1}\n{"a": 2, "b\n{"a": 3}{"a": 4}\n[5]\n\xff\n{"a": 6}\n{"a": 7, "'
+  path = _write(tmp_path, text)
+  with pytest.raises(ValueError, match="line 2: invalid JSON"):
+    jsonl.read(path)
+  with caplog.at_level(logging.WARNING):
+    records = jsonl.read(path, skip_corrupt=True)
+  assert records == [(f"{path}, line 1", {"a": 1}), (f"{path}, line 6", {"a": 6})]
+  for line in (2, 3, 4, 5, 7):
+    assert f"{path}, line {line}: skipping a corrupt line" in caplog.text
+  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    jsonl.read(str(tmp_path / "nope.jsonl"), skip_corrupt=True)
 
 
 # ----------------------------------------------------------------------------------------------

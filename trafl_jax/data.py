@@ -21,6 +21,8 @@ import sentencepiece as spm
 import tokenizers
 from absl import logging
 
+from trafl_jax import jsonl
+
 MASK_TOKEN = "<|mdm_mask|>"
 # Fixed ids of the sentencepiece models trained here; the mask is the first user-defined symbol,
 # so it lands right after the four reserved ids.
@@ -33,33 +35,16 @@ SPM_PAD_ID, SPM_UNK_ID, SPM_BOS_ID, SPM_EOS_ID, SPM_MASK_ID = 0, 1, 2, 3, 4
 
 def load_jsonl(path: str, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
   """Reads `{"prompt": str, "answer": str}` records; errors name the file and 1-based line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"JSONL file not found: {path}")
   records = []
-  # Binary read + per-line decode so a UTF-8 error is reported at its own line.
-  with open(path, "rb") as f:
-    for lineno, raw_line in enumerate(f, start=1):
-      where = f"{path}, line {lineno}"
-      try:
-        line = raw_line.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 ({e.reason})") from None
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      for key in (prompt_key, answer_key):
-        if key not in obj:
-          raise ValueError(f"{where}: missing key {key!r} (has keys {sorted(obj)})")
-        if not isinstance(obj[key], str):
-          raise ValueError(
-            f"{where}: value of key {key!r} must be a string, got {type(obj[key]).__name__}"
-          )
-      records.append({"prompt": obj[prompt_key], "answer": obj[answer_key]})
+  for where, obj in jsonl.read(path):
+    for key in (prompt_key, answer_key):
+      if key not in obj:
+        raise ValueError(f"{where}: missing key {key!r} (has keys {sorted(obj)})")
+      if not isinstance(obj[key], str):
+        raise ValueError(
+          f"{where}: value of key {key!r} must be a string, got {type(obj[key]).__name__}"
+        )
+    records.append({"prompt": obj[prompt_key], "answer": obj[answer_key]})
   if not records:
     raise ValueError(f"{path}: no records (file is empty or has only blank lines)")
   return records

@@ -19,6 +19,8 @@ from typing import Any
 import tensorboardX
 import tqdm
 
+from trafl_jax import jsonl
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,19 +33,11 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        _log.warning("Dropping corrupt line %d of %s: %r", lineno, path, line[:200])
-        continue
-      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        _log.warning("Dropping line %d of %s without an integer step", lineno, path)
-        continue
-      records.append(record)
+  for where, record in jsonl.read(path, skip_corrupt=True):
+    if not isinstance(record.get("step"), int):
+      _log.warning("Dropping %s: no integer step", where)
+      continue
+    records.append(record)
   return records
 
 

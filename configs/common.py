@@ -7,103 +7,32 @@ from __future__ import annotations
 
 import ml_collections
 
-# Size presets. `tiny` is for tests, `mini` for the CPU default job (DESIGN section 5 sizing), `small`
-# for CPU demos and benchmarks, `1b` for GPU benchmarks, `llada_8b` is LLaDA-8B's shape.
-PRESETS = {
-  "tiny": dict(
-    vocab_size=128,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    mlp_hidden=128,
-    mask_token_id=4,
-    eos_token_id=3,
-    pad_token_id=0,
-    rope_theta=10000.0,
-  ),
-  "mini": dict(
-    vocab_size=128,
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=4,
-    mlp_hidden=384,
-    mask_token_id=4,
-    eos_token_id=3,
-    pad_token_id=0,
-    rope_theta=10000.0,
-  ),
-  "small": dict(
-    vocab_size=1024,
-    d_model=512,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=4,
-    mlp_hidden=1536,
-    mask_token_id=4,
-    eos_token_id=3,
-    pad_token_id=0,
-    rope_theta=10000.0,
-  ),
-  "1b": dict(
-    vocab_size=32768,
-    d_model=2048,
-    n_layers=18,
-    n_heads=16,
-    n_kv_heads=16,
-    mlp_hidden=5632,
-    mask_token_id=4,
-    eos_token_id=3,
-    pad_token_id=0,
-    rope_theta=500000.0,
-  ),
-  "llada_8b": dict(
-    vocab_size=126464,
-    d_model=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=32,
-    mlp_hidden=12288,
-    mask_token_id=126336,
-    eos_token_id=126081,
-    pad_token_id=126081,
-    rope_theta=500000.0,
-  ),
-}
+from trafl_jax import model as model_lib
+from trafl_jax import sharding as sharding_lib
+
+PRESETS = model_lib.PRESETS
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
+  """A preset's shape and the compute defaults; preset "checkpoint" follows the checkpoint's shape
+  (every shape field model_lib.FOLLOW), for post-training and evaluation of a given checkpoint."""
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-  return ml_collections.ConfigDict(
-    dict(
-      preset=preset,
-      rms_norm_eps=1e-5,
-      dtype="float32",
-      param_dtype="float32",
-      remat="none",
-      scan_layers=True,
-      **PRESETS[preset],
-    )
+  values = dict(
+    preset=preset,
+    rms_norm_eps=1e-5,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+    scan_layers=True,
   )
+  return ml_collections.ConfigDict({**values, **PRESETS[preset]})
 
 
 def sharding_rules() -> ml_collections.ConfigDict:
-  """Logical axis -> mesh axes. Batch over data x fsdp; weights' `embed` over fsdp; the rest tensor."""
-  return ml_collections.ConfigDict(
-    dict(
-      batch=("data", "fsdp"),
-      length=None,
-      embed="fsdp",
-      vocab="tensor",
-      heads="tensor",
-      kv_heads="tensor",
-      head_dim=None,
-      mlp="tensor",
-      layers=None,
-    )
-  )
+  """Logical axis -> mesh axes (sharding.DEFAULT_RULES): batch over data x fsdp; weights' `embed`
+  over fsdp; the rest tensor."""
+  return ml_collections.ConfigDict(dict(sharding_lib.DEFAULT_RULES))
 
 
 def base_config(preset: str = "mini") -> ml_collections.ConfigDict:

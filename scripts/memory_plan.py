@@ -176,13 +176,10 @@ class StepMemory:
 
 
 def _step_memory(compiled, non_resident_arguments: int, compile_s: float) -> StepMemory:
-  m = compiled.memory_analysis()
+  from trafl_jax import posttrain
+
   return StepMemory(
-    argument=int(m.argument_size_in_bytes),
-    output=int(m.output_size_in_bytes),
-    alias=int(m.alias_size_in_bytes),
-    temp=int(m.temp_size_in_bytes),
-    code=int(m.generated_code_size_in_bytes),
+    **posttrain.compiled_memory(compiled),
     non_resident_arguments=non_resident_arguments,
     compile_s=compile_s,
   )
@@ -190,56 +187,56 @@ def _step_memory(compiled, non_resident_arguments: int, compile_s: float) -> Ste
 
 def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"), log=print):
   """Compiles the requested steps of `config` on `devices` with abstract inputs and returns a dict of
-  per-device bytes: `resident` (and its parts), one `StepMemory` per step, `peak`, and `analytic`."""
+  per-device bytes: `resident` (and its parts), one `StepMemory` per step, `peak`, and `analytic`.
+  The steps and their memory figures come from posttrain.py's own functions (`posttrain.jit_steps`,
+  `posttrain.step_memory`): what the loop runs and reports is what is planned."""
   import jax
   import jax.numpy as jnp
   from flax import linen as nn
 
+  from trafl_jax import config_lib, posttrain, rl, sharding
   from trafl_jax import model as model_lib
-  from trafl_jax import posttrain, rl, sampler, sharding
   from trafl_jax import state as state_lib
-  from trafl_jax import train as train_lib
 
-  r = config.rl
-  cfg = train_lib.model_config(config)
+  pcfg = config_lib.posttrain_config(config)
+  cfg = config_lib.model_config(config)
   model = model_lib.Transformer(cfg)
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  rules = sharding.rules_from_config(config.rules.to_dict())
-  ocfg, scfg = posttrain.objective_config(config), posttrain.sampler_config(config)
-  g, rows = r.group_size, r.prompts_per_step * r.group_size
-  posttrain.check_rows(config, mesh)
-  tx = state_lib.make_optimizer(posttrain.optim_config(config))
-  abstract_state, shardings = rl.state_shardings(model, tx, r.log_z_lr, config.seed, mesh, rules)
-  ref_dtype = jnp.dtype(r.reference_dtype)
+  layout = config_lib.layout(config)
+  mesh, rules = layout.make_mesh(devices), layout.rules
+  rows = pcfg.rows
+  posttrain.check_rows(pcfg, mesh)
+  tx = state_lib.make_optimizer(pcfg.optim)
+  abstract_state, shardings = rl.state_shardings(model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
+  ref_dtype = jnp.dtype(pcfg.reference_dtype)
   abstract_ref = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), abstract_state.params
   )
-  t = prompt_len + r.gen_length
-  batch_sh = rl.batch_shardings(mesh, rules)
-  shapes = {
-    "tokens": ((rows, t), jnp.int32),
-    "valid": ((rows, t), jnp.bool_),
-    "prompt": ((rows, t), jnp.bool_),
-    "completion": ((rows, t), jnp.bool_),
-    "rewards": ((rows,), jnp.float32),
-  }
-  abstract_batch = {
-    k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()
-  }
-  prepare, update, _ = rl.jit_steps(
-    model, ocfg, r.num_inner_updates, g, shardings, shardings.params, mesh, rules
+  t = prompt_len + pcfg.scfg.gen_length
+  rollout_sh = rl.rollout_shardings(mesh, rules)
+  abstract_rollout = rl.Rollout(
+    *(
+      jax.ShapeDtypeStruct((rows, t), dtype, sharding=rollout_sh.tokens_NxT)
+      for dtype in (jnp.int32, jnp.bool_, jnp.bool_, jnp.bool_)
+    ),
+    rewards_N=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=rollout_sh.rewards_N),
   )
-  prepared_sh = rl.prepared_shardings(mesh, rules)
+  jitted = posttrain.jit_steps(model, pcfg, mesh, rules, shardings, shardings.params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    prepared_shapes = jax.eval_shape(prepare, abstract_state, abstract_ref, abstract_batch)
-  abstract_prepared = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=prepared_sh[k])
-    for k, v in prepared_shapes.items()
-  }
+    prepared_shapes = jax.eval_shape(jitted.prepare, abstract_state, abstract_ref, abstract_rollout)
+  abstract_prepared = jax.tree.map(
+    lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+    prepared_shapes,
+    rl.prepared_shardings(mesh, rules),
+  )
+  prompt_sh = sharding.batch_sharding(mesh, rules)
+  abstract_prompts = (
+    jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=prompt_sh),
+    jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=prompt_sh),
+  )
   resident = {
     "state": per_device_bytes(abstract_state),
     "reference": per_device_bytes(abstract_ref),
-    "batch": per_device_bytes(abstract_batch),
+    "batch": per_device_bytes(abstract_rollout),
     "prepared": per_device_bytes(abstract_prepared),
   }
   resident["total"] = sum(resident.values())
@@ -251,40 +248,37 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     "resident": resident,
     "steps": {},
   }
-
   # XLA drops arguments a step does not read (prepare never reads the optimizer moments), so a step's
-  # `argument` size can be below the resident bytes it is passed: count the non-resident ones directly.
-  def compile_step(name, fn, args, non_resident_args):
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      compiled = fn.lower(*args).compile()
-    step = _step_memory(compiled, non_resident_args, time.perf_counter() - t0)
+  # `argument` size can be below the resident bytes it is passed: count the non-resident ones directly
+  # (the sampler's prompts and key; the update's inner index).
+  key = jax.random.PRNGKey(0)
+  non_resident = {
+    "sampler": per_device_bytes(abstract_prompts) + key.size * key.dtype.itemsize,
+    "prepare": 0,
+    "update": 4,
+  }
+  memory = posttrain.step_memory(
+    jitted,
+    mesh,
+    rules,
+    abstract_state,
+    abstract_ref,
+    abstract_prompts,
+    abstract_rollout,
+    abstract_prepared,
+    names=tuple(s for s in STEPS if s in steps),
+  )
+  for name, m in memory.items():
+    step = StepMemory(
+      **{k: m[k] for k in ("argument", "output", "alias", "temp", "code", "compile_s")},
+      non_resident_arguments=non_resident[name],
+    )
     out["steps"][name] = step
     log(
       f"  {name:8s} compiled in {step.compile_s:6.1f}s: arguments {size(step.argument)}, "
       f"outputs {size(step.output)}, aliased {size(step.alias)}, temp {size(step.temp)}, "
       f"code {size(step.code)} -> peak {size(resident['total'] + step.peak_over_resident)}"
     )
-
-  replicated = sharding.replicated(mesh)
-  if "sampler" in steps:
-    generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings.params).jitted
-    prompt_sh = sharding.batch_sharding(mesh, rules)
-    key = jax.random.PRNGKey(0)
-    args = (
-      abstract_state.params,
-      jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=prompt_sh),
-      jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=prompt_sh),
-      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
-    )
-    compile_step("sampler", generate, args, per_device_bytes(args[1:]))
-  if "prepare" in steps:
-    args = (abstract_state, abstract_ref, abstract_batch)
-    compile_step("prepare", prepare, args, 0)
-  if "update" in steps:
-    i = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    args = (abstract_state, abstract_batch, abstract_prepared, i)
-    compile_step("update", update, args, per_device_bytes(i))
   out["peak"] = resident["total"] + max(
     (s.peak_over_resident for s in out["steps"].values()), default=0
   )
@@ -312,9 +306,9 @@ def _evaluate_step(config, model, mesh, rules, abstract_params, prompt_len: int,
   import jax.numpy as jnp
   from flax import linen as nn
 
-  from trafl_jax import evaluate, sampler, sharding
+  from trafl_jax import config_lib, evaluate, sampler, sharding
 
-  settings = evaluate.sampler_settings(evaluate.eval_config(config), max(config.eval.gen_lengths))
+  settings = evaluate.sampler_settings(config_lib.eval_config(config), max(config.eval.gen_lengths))
   scfg = sampler.SamplerConfig(
     gen_length=settings["gen_length"],
     steps=settings["steps"],
@@ -444,6 +438,7 @@ def main(argv):
   del argv
   import jax
 
+  cli.quiet_libraries()
   config = cli.load_config(_FLAGS["config"])
   names = target_names(_FLAGS["target"].value)
   rows = []

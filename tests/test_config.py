@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from trafl_jax import sharding
-from trafl_jax import train as train_lib
+from trafl_jax import config_lib, pipeline, sharding
 
 from .conftest import ROOT
 
@@ -34,10 +33,12 @@ def test_every_config_and_variant_loads(name, variant):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(variant)
   assert config.is_locked
-  cfg = train_lib.model_config(config)
-  train_lib.optim_config(config)
-  assert cfg.vocab_size == config.model.vocab_size
-  sharding.rules_from_config(config.rules.to_dict())
+  config_lib.check_config(config)  # every key of every section is one something reads
+  settings = config_lib.model_settings(config)
+  if config.model.preset != "checkpoint":
+    assert config_lib.model_config(config).vocab_size == config.model.vocab_size
+  assert settings.dtype == config.model.dtype and settings.remat == config.model.remat
+  assert config_lib.layout(config).rules == sharding.rules_from_config(config.rules.to_dict())
   assert module.__doc__ and "python -m trafl_jax.main" in module.__doc__
   with pytest.raises(AttributeError):
     config.train.not_a_key = 1  # locked: a typo cannot add a key
@@ -94,7 +95,7 @@ def _config(**overrides):
 def test_missing_data_file_is_named(tmp_path):
   missing = str(tmp_path / "nope.jsonl")
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-    train_lib.run(
+    pipeline.reference_stage(
       _config(**{"data.source": "jsonl", "data.train_path": missing}), str(tmp_path / "w")
     )
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
@@ -105,7 +106,7 @@ def test_malformed_jsonl_line_is_named(tmp_path):
   good = json.dumps({"prompt": "1+1=", "answer": "2"})
   path.write_text(good + "\n" + good + "\n{not json\n")
   with pytest.raises(ValueError, match=r"bad.jsonl.*3|3.*bad.jsonl"):
-    train_lib.run(
+    pipeline.reference_stage(
       _config(**{"data.source": "jsonl", "data.train_path": str(path)}), str(tmp_path / "w")
     )
 
@@ -129,7 +130,7 @@ def test_batch_not_dividing_mesh_is_named(tmp_path):
   with config.unlocked():
     config.mesh.data = 8
   with pytest.raises(ValueError, match="batch_size 12"):
-    train_lib.run(config, str(tmp_path / "w"))
+    pipeline.reference_stage(config, str(tmp_path / "w"))
 
 
 def test_main_prints_one_clear_line_for_bad_input(tmp_path):
@@ -166,4 +167,6 @@ def test_library_info_chatter_is_filtered_but_warnings_and_our_logs_are_not():
   orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
   assert not quiet.filter(record(orbax, std_logging.INFO))
   assert quiet.filter(record(orbax, std_logging.WARNING))
-  assert quiet.filter(record("/work/trafl_jax/train.py", std_logging.INFO))
+  assert quiet.filter(
+    record(os.path.join(os.path.dirname(cli.__file__), "train.py"), std_logging.INFO)
+  )

@@ -1,6 +1,5 @@
 """Evaluation: the pass@k estimator, diversity/locking metrics, reports, and an interrupted run resuming."""
 
-import dataclasses
 import itertools
 import json
 import os
@@ -10,8 +9,7 @@ import numpy as np
 import pytest
 
 from configs import math as math_config
-from trafl_jax import eval_report, evaluate
-from trafl_jax import train as train_lib
+from trafl_jax import config_lib, eval_report, evaluate, pipeline, sharding
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
@@ -92,7 +90,7 @@ def test_reports(tmp_path):
 
 
 def test_sampler_settings_follow_the_grid():
-  cfg = evaluate.eval_config(math_config.get_config("gsm8k"))
+  cfg = config_lib.eval_config(math_config.get_config("gsm8k"))
   assert [evaluate.sampler_settings(cfg, L)["steps"] for L in (128, 256, 512)] == [64, 128, 256]
   assert cfg.block_length == 32 and cfg.remasking == "low_confidence"
 
@@ -102,8 +100,8 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
   config = math_config.get_config("tiny")
   with config.unlocked():
     config.train.progress = False
-  train_lib.run(config, run_dir)
-  cfg = evaluate.eval_config(config)
+  pipeline.reference_stage(config, run_dir)
+  cfg = config_lib.eval_config(config)
   workdir = str(tmp_path / "eval")
   first = evaluate.run(cfg, [run_dir], workdir, labels=["ref"], show_progress=False)
   [row] = first["results"]
@@ -130,7 +128,7 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
   assert second["results"][0]["pass@1"] == pytest.approx(row["pass@1"])  # same seeds, same samples
 
   # Checkpoints load on the run's mesh: an FSDP config shards the parameters instead of replicating them.
-  fsdp = dataclasses.replace(cfg, mesh=(("data", 1), ("fsdp", -1), ("tensor", 1)))
+  fsdp = sharding.Layout(mesh=(("data", 1), ("fsdp", -1), ("tensor", 1)))
   loaded = []
   original_checkpoint = evaluate.evaluate_checkpoint
   monkeypatch.setattr(
@@ -138,11 +136,11 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
     "evaluate_checkpoint",
     lambda g, *a, **k: loaded.append(g) or original_checkpoint(g, *a, **k),
   )
-  evaluate.run(fsdp, [run_dir], workdir, labels=["ref"], show_progress=False)
+  evaluate.run(cfg, [run_dir], workdir, labels=["ref"], show_progress=False, layout=fsdp)
   assert loaded[0].mesh.shape["fsdp"] == 8
   specs = [leaf.sharding.spec for leaf in jax.tree.leaves(loaded[0].params)]
   assert any("fsdp" in spec for spec in specs)
-  assert evaluate.eval_config(math_config.get_config("gsm8k")).mesh == (
+  assert config_lib.layout(math_config.get_config("gsm8k")).mesh == (
     ("data", 1),
     ("fsdp", -1),
     ("tensor", 1),

@@ -61,15 +61,15 @@ def _train(objective: str, steps: int, **kw):
     tokens = np.concatenate([np.repeat(PROMPT, G, 0), answers[:, None]], 1).astype(np.int32)
     completion = np.zeros_like(tokens, bool)
     completion[:, -1] = True
-    batch = {
-      "tokens": tokens,
-      "valid": np.ones_like(tokens, bool),
-      "prompt": ~completion,
-      "completion": completion,
-      "rewards": np.isin(answers, CORRECT).astype(np.float32),
-    }
+    batch = rl.Rollout(
+      tokens_NxT=tokens,
+      valid_NxT=np.ones_like(tokens, bool),
+      prompt_NxT=~completion,
+      completion_NxT=completion,
+      rewards_N=np.isin(answers, CORRECT).astype(np.float32),
+    )
     if step == 0 and objective == "trafl":
-      state = state.replace(log_z=rl.set_log_z_bias(state.log_z, BETA * batch["rewards"].mean()))
+      state = state.replace(log_z=rl.set_log_z_bias(state.log_z, BETA * batch.rewards_N.mean()))
     state, metrics = update(state, batch, prepare(state, ref_params, batch), 0)
     state = state.replace(step=state.step + 1)
   return _distribution(ref_params), _distribution(state.params), metrics

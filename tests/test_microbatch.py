@@ -11,9 +11,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from configs import common
 from trafl_jax import model as model_lib
-from trafl_jax import objectives, rl, sharding
+from trafl_jax import objectives, posttrain, rl, sharding
 
 from .conftest import small_model_config
 
@@ -30,7 +29,7 @@ CASES = {
 }
 
 
-def _batch(prompts: int, group: int, seed: int = 0) -> dict:
+def _batch(prompts: int, group: int, seed: int = 0) -> rl.Rollout:
   rng = np.random.default_rng(seed)
   n = prompts * group
   prompt = np.repeat(rng.integers(5, 32, (prompts, PROMPT)), group, 0)
@@ -41,13 +40,13 @@ def _batch(prompts: int, group: int, seed: int = 0) -> dict:
   valid[::2, 0] = False  # some left padding
   is_completion = np.zeros_like(valid)
   is_completion[:, PROMPT:] = True
-  return {
-    "tokens": np.concatenate([prompt, completion], 1).astype(np.int32),
-    "valid": valid,
-    "prompt": valid & ~is_completion,
-    "completion": is_completion,
-    "rewards": rng.integers(0, 2, n).astype(np.float32),
-  }
+  return rl.Rollout(
+    tokens_NxT=np.concatenate([prompt, completion], 1).astype(np.int32),
+    valid_NxT=valid,
+    prompt_NxT=valid & ~is_completion,
+    completion_NxT=is_completion,
+    rewards_N=rng.integers(0, 2, n).astype(np.float32),
+  )
 
 
 def _state():
@@ -60,7 +59,7 @@ def _state():
   return state, jax.tree.map(lambda x: 0.9 * x, params)
 
 
-def _run(case: str, micro_batches: int, batch: dict, group: int, inner: int = 2):
+def _run(case: str, micro_batches: int, batch: rl.Rollout, group: int, inner: int = 2):
   ocfg = objectives.ObjectiveConfig(beta=2.0, micro_batches=micro_batches, **CASES[case])
   prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=inner))
   update = jax.jit(functools.partial(rl.update, model=MODEL, ocfg=ocfg, group_size=group))
@@ -123,7 +122,7 @@ def test_sharded_micro_batches_match_one_pass():
   group = 4
   batch = _batch(prompts=4, group=group, seed=1)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  rules = sharding.DEFAULT_RULES
   tx = optax.sgd(0.5)
   _, shardings = rl.state_shardings(MODEL, tx, 1e-3, 3, mesh, rules)
   results = []
@@ -136,7 +135,7 @@ def test_sharded_micro_batches_match_one_pass():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.device_put(dataclasses.replace(state, tx=tx), shardings)
       ref_params = jax.device_put(ref_params, shardings.params)
-      global_batch = sharding.global_batch(batch, mesh, rules)
+      global_batch = posttrain.global_rows(batch, mesh, rules)
       prepared = prepare(state, ref_params, global_batch)
       state, metrics = update(state, global_batch, prepared, 0)
     assert state.params["wte"].sharding == shardings.params["wte"]

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from configs import math as math_config
-from trafl_jax import distributed
-from trafl_jax import train as train_lib
+from trafl_jax import distributed, pipeline
 
 from .conftest import ROOT
 
@@ -92,7 +91,7 @@ def reference(tmp_path_factory):
     config.optim.lr = 3e-3
     config.data.update(DATA)
   path = str(tmp_path_factory.mktemp("multihost") / "reference")
-  train_lib.run(config, path)
+  pipeline.reference_stage(config, path)
   return path
 
 

@@ -7,8 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import math as math_config
-from trafl_jax import metrics, objectives, posttrain
-from trafl_jax import train as train_lib
+from trafl_jax import config_lib, metrics, objectives, pipeline, posttrain
 
 
 def _config(**rl):
@@ -23,7 +22,7 @@ def _config(**rl):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("posttrain") / "reference")
-  train_lib.run(_config(), path)
+  pipeline.reference_stage(_config(), path)
   return path
 
 
@@ -31,7 +30,7 @@ def reference(tmp_path_factory):
 def test_each_objective_runs_end_to_end(reference, tmp_path, objective):
   workdir = str(tmp_path / objective)
   extra = {"num_inner_updates": 2} if objective in ("diffu_grpo", "elbo_grpo") else {}
-  last = posttrain.run(_config(objective=objective, **extra), workdir, reference)
+  last = pipeline.posttrain_stage(_config(objective=objective, **extra), workdir, reference)
   records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records] == [1, 2, 3]
   for key in (
@@ -65,10 +64,10 @@ def test_each_objective_runs_end_to_end(reference, tmp_path, objective):
 def test_resume_is_exact(reference, tmp_path):
   config = _config(num_steps=4, ckpt_every=1, eval_every=0)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  posttrain.run(config, straight, reference)
-  posttrain.run(config, resumed, reference, max_steps=2)
+  pipeline.posttrain_stage(config, straight, reference)
+  pipeline.posttrain_stage(config, resumed, reference, max_steps=2)
   assert metrics.read_metrics(resumed)[-1]["step"] == 2
-  posttrain.run(config, resumed, reference)
+  pipeline.posttrain_stage(config, resumed, reference)
   a, b = metrics.read_metrics(straight), metrics.read_metrics(resumed)
   assert [r["step"] for r in b] == [1, 2, 3, 4]
   for key in ("rl/loss", "rl/reward_mean", "rl/kl_estimate", "trafl/log_z_mean"):
@@ -84,7 +83,8 @@ def test_prompts_follow_the_reference_data_settings():
   with config.unlocked():
     config.data.countdown_max_number = 6
   for split in ("train", "test"):
-    problems = posttrain.load_problems(config, split)
+    pcfg = config_lib.posttrain_config(config)
+    problems = (pcfg.train_problems if split == "train" else pcfg.test_problems).load()
     assert len(problems) == (64 if split == "train" else 8)
     assert max(max(p.reference["numbers"]) for p in problems) <= 6
 
@@ -101,4 +101,6 @@ def test_prompt_order_is_a_function_of_the_step():
 
 def test_bad_rollout_shape_is_named(reference, tmp_path):
   with pytest.raises(ValueError, match="do not divide"):
-    posttrain.run(_config(prompts_per_step=3, group_size=3), str(tmp_path / "bad"), reference)
+    pipeline.posttrain_stage(
+      _config(prompts_per_step=3, group_size=3), str(tmp_path / "bad"), reference
+    )

@@ -13,9 +13,8 @@ import tokenizers
 from flax import linen as nn
 
 from configs import math as math_config
-from trafl_jax import convert, sample
+from trafl_jax import convert, pipeline, sample
 from trafl_jax import model as model_lib
-from trafl_jax import train as train_lib
 
 from .conftest import ROOT, small_model_config
 
@@ -52,7 +51,7 @@ def workdir(tmp_path_factory):
   config = math_config.get_config("tiny")
   with config.unlocked():
     config.train.progress = False
-  train_lib.run(config, path)
+  pipeline.reference_stage(config, path)
   return path
 
 

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from trafl_jax import tasks
 from trafl_jax.tasks import code, countdown
 from trafl_jax.tasks import math as math_tasks
+
+from .conftest import ROOT
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,6 +44,21 @@ def test_unknown_task_lists_known_ones():
     tasks.load("sudoku")
   with pytest.raises(ValueError, match="Unknown task"):
     tasks.rewards([tasks.Problem("sudoku", "x", "", None)], ["1"])
+
+
+def test_each_family_module_imports_first_in_a_fresh_interpreter():
+  # With the old cycle, tasks/__init__ had to define Problem before importing the families; any
+  # entry order must work and give one Problem type.
+  for first in ("trafl_jax.tasks.base", "trafl_jax.tasks.code", "trafl_jax.tasks.math"):
+    check = (
+      f"import {first}; from trafl_jax import tasks; from trafl_jax.tasks import base, code, math; "
+      "assert tasks.Problem is base.Problem and tasks.TASKS is base.TASKS; "
+      "assert all(type(p) is tasks.Problem for p in tasks.load('countdown', limit=2))"
+    )
+    result = subprocess.run(
+      [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_countdown_load_keeps_the_generator_prompt():

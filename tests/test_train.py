@@ -13,8 +13,7 @@ import pytest
 
 from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import convert, diffusion, metrics
-from trafl_jax import train as train_lib
+from trafl_jax import convert, diffusion, metrics, pipeline
 
 from .conftest import ROOT
 
@@ -77,10 +76,10 @@ def test_exact_resume_on_4x2_mesh(tmp_path):
   """Stopped after 7 steps and resumed to 20 == an uninterrupted 20-step run, bit for bit."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   config = tiny_config(**{"train.ckpt_every": 5})
-  train_lib.run(config, straight)
-  train_lib.run(config, resumed, max_steps=7)
+  pipeline.reference_stage(config, straight)
+  pipeline.reference_stage(config, resumed, max_steps=7)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["5", "7"]
-  train_lib.run(config, resumed)
+  pipeline.reference_stage(config, resumed)
 
   a, b = metrics.read_metrics(straight), metrics.read_metrics(resumed)
   assert [r["step"] for r in b] == list(range(1, 21))
@@ -94,7 +93,7 @@ def test_exact_resume_on_4x2_mesh(tmp_path):
 
 def test_init_checkpoint_loads_params_only(tmp_path):
   source = str(tmp_path / "source")
-  train_lib.run(tiny_config(**{"train.num_steps": 3}), source)
+  pipeline.reference_stage(tiny_config(**{"train.num_steps": 3}), source)
   params, _ = _params_of(source)
   target = str(tmp_path / "target")
   config = tiny_config(
@@ -105,7 +104,7 @@ def test_init_checkpoint_loads_params_only(tmp_path):
       "optim.weight_decay": 0.0,
     }
   )
-  train_lib.run(config, target)
+  pipeline.reference_stage(config, target)
   loaded, step = _params_of(target)
   assert step == 1  # a fresh optimizer/step count, not a resume
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
@@ -115,7 +114,7 @@ def test_init_checkpoint_loads_params_only(tmp_path):
   convert.orbax_to_hf(source, hf_dir)
   with config.unlocked():
     config.train.init_checkpoint = hf_dir
-  train_lib.run(config, str(tmp_path / "from_hf"))
+  pipeline.reference_stage(config, str(tmp_path / "from_hf"))
   from_hf, _ = _params_of(str(tmp_path / "from_hf"))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(from_hf)):
     np.testing.assert_array_equal(x, y)
@@ -124,7 +123,7 @@ def test_init_checkpoint_loads_params_only(tmp_path):
 def test_nan_stops_with_the_step_named(tmp_path):
   config = tiny_config(**{"optim.lr": 1e30, "optim.grad_clip": 1e30, "optim.warmup_steps": 0})
   with pytest.raises(FloatingPointError, match=r"at step \d+"):
-    train_lib.run(config, str(tmp_path / "nan"))
+    pipeline.reference_stage(config, str(tmp_path / "nan"))
 
 
 def _main(args, **kw):
@@ -167,7 +166,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   config = tiny_config(**{"train.num_steps": steps[0] + 2})
   with config.unlocked():
     config.mesh.data, config.mesh.tensor = -1, 1
-  train_lib.run(config, workdir)
+  pipeline.reference_stage(config, workdir)
   assert [r["step"] for r in metrics.read_metrics(workdir)][-3:] == [
     steps[0],
     steps[0] + 1,
@@ -177,14 +176,14 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
 
 def test_checkpoint_restore_detects_incompatible_and_corrupt_checkpoints(tmp_path):
   workdir = str(tmp_path / "run")
-  train_lib.run(tiny_config(**{"train.num_steps": 2}), workdir)
+  pipeline.reference_stage(tiny_config(**{"train.num_steps": 2}), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints", "2")
   before = sorted(os.listdir(ckpt_dir))
 
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
-    train_lib.run(tiny_config(**{"train.num_steps": 4, "model.d_model": 32}), workdir)
+    pipeline.reference_stage(tiny_config(**{"train.num_steps": 4, "model.d_model": 32}), workdir)
   with pytest.raises(ckpt_lib.CheckpointError, match="batch_size"):
-    train_lib.run(tiny_config(**{"train.num_steps": 4, "data.batch_size": 8}), workdir)
+    pipeline.reference_stage(tiny_config(**{"train.num_steps": 4, "data.batch_size": 8}), workdir)
 
   # Corrupt the stored parameters; the error names the checkpoint and nothing is removed.
   params_dir = os.path.join(ckpt_dir, "params")
@@ -193,6 +192,6 @@ def test_checkpoint_restore_detects_incompatible_and_corrupt_checkpoints(tmp_pat
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(ckpt_lib.CheckpointError, match="corrupt or unreadable"):
-    train_lib.run(tiny_config(**{"train.num_steps": 4}), workdir)
+    pipeline.reference_stage(tiny_config(**{"train.num_steps": 4}), workdir)
   assert sorted(os.listdir(ckpt_dir)) == before
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]

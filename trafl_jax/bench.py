@@ -23,14 +23,13 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from configs import common
+from trafl_jax import cli, objectives, posttrain, rl, sampler, sharding
 from trafl_jax import model as model_lib
-from trafl_jax import objectives, rl, sampler, sharding
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
 from trafl_jax import train as train_lib
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model size preset (configs/common.py).")
+_PRESET = flags.DEFINE_string("preset", "small", "Model size preset (model.PRESETS).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train: tokens per row (a quarter of them prompt).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "sample: prompt tokens per row.")
@@ -39,7 +38,11 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 128, "sample: denoising ste
 _BLOCK = flags.DEFINE_integer("block_length", 32, "sample: block length.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "Parameter dtype.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Scan over the layers (else unrolled).")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Mesh fsdp axis (the rest of the devices: data).")
+_TENSOR = flags.DEFINE_integer("tensor", 1, "Mesh tensor axis.")
 _OBJECTIVE = flags.DEFINE_list("objective", list(objectives.OBJECTIVES), "rl: objectives to time.")
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "rl: prompts per step.")
 _GROUP = flags.DEFINE_integer("group", 8, "rl: samples per prompt.")
@@ -65,10 +68,27 @@ def matmul_peak_flops(n: int, dtype=jnp.float32) -> float:
 
 
 def _model(preset: str, dtype: str, remat: str = "none"):
-  values = {k: v for k, v in common.model_config(preset).items() if k != "preset"}
-  values.update(dtype=dtype, remat=remat)
-  cfg = model_lib.ModelConfig(**values)
+  """The preset's shape with the compute settings: dtype and remat, and (on the command line)
+  --param_dtype and --scan_layers."""
+  if preset not in model_lib.PRESETS or preset == "checkpoint":
+    raise app.UsageError(f"--preset={preset}: choose from {sorted(model_lib.PRESETS)}")
+  parsed = flags.FLAGS.is_parsed()
+  settings = model_lib.ModelSettings(
+    shape=tuple(model_lib.PRESETS[preset].items()),
+    dtype=dtype,
+    param_dtype=_PARAM_DTYPE.value if parsed else "float32",
+    remat=remat,
+    scan_layers=_SCAN.value if parsed else True,
+  )
+  cfg = settings.build()
   return cfg, model_lib.Transformer(cfg)
+
+
+def _layout() -> sharding.Layout:
+  """Data parallel over every device, or --fsdp / --tensor on the command line."""
+  if not flags.FLAGS.is_parsed():
+    return sharding.Layout()
+  return sharding.Layout(mesh=(("data", -1), ("fsdp", _FSDP.value), ("tensor", _TENSOR.value)))
 
 
 def _describe(bench: str, preset: str, cfg, batch: int, dtype: str) -> dict:
@@ -87,8 +107,8 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, r
   cfg, model = _model(preset, dtype, remat)
   ocfg = state_lib.OptimConfig(1e-4, "constant", 0, 0.1, 0.01, 0.9, 0.99, 1e-8, 1.0, steps + 1)
   tx = state_lib.make_optimizer(ocfg)
-  mesh = sharding.make_mesh({"data": -1})
-  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  layout = _layout()
+  mesh, rules = layout.make_mesh(), layout.rules
   state, shardings = state_lib.create_sharded_state(
     model, tx, jax.random.PRNGKey(0), seq_len, mesh, rules
   )
@@ -127,8 +147,8 @@ def bench_sample(
 ) -> dict:
   """Generated tokens per second of the jitted sampler (params replicated, batch over the devices)."""
   cfg, model = _model(preset, dtype)
-  mesh = sharding.make_mesh({"data": -1})
-  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  layout = _layout()
+  mesh, rules = layout.make_mesh(), layout.rules
   params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
   shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
   params = jax.device_put(nn.unbox(params), shardings)
@@ -156,10 +176,10 @@ def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int)
   (one for diffu_grpo), each update runs forward + backward (3x) on them, and TraFL's learned log Z adds
   one forward per prompt."""
   n = prompts * group
-  copies = 1 if ocfg.objective == "diffu_grpo" else ocfg.num_masks
+  copies = rl.estimator_of(ocfg).forward_passes(ocfg)
   fwd = model_lib.forward_flops(cfg, n, seq_len)
   flops = inner * 2 * copies * fwd + inner * 3 * copies * fwd
-  if ocfg.objective == "trafl" and ocfg.log_z == "mlp":
+  if rl.learned_log_z(ocfg):
     flops += inner * model_lib.forward_flops(cfg, prompts, seq_len)
   return float(flops)
 
@@ -180,8 +200,8 @@ def bench_rl(
   completions) and the update(s), with random weights and prompts, through the jitted functions the
   post-training loop uses (`rl.jit_steps`, `sampler.make_generate_fn`)."""
   cfg, model = _model(preset, dtype, remat)
-  mesh = sharding.make_mesh({"data": -1})
-  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  layout = _layout()
+  mesh, rules = layout.make_mesh(), layout.rules
   ocfg = objectives.ObjectiveConfig(objective=objective)
   tx = state_lib.make_optimizer(
     state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
@@ -217,19 +237,8 @@ def bench_rl(
     t1 = time.perf_counter()
     rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
     t2 = time.perf_counter()
-    tokens = np.concatenate([prompt, completion], 1)
-    is_completion = np.zeros_like(tokens, bool)
-    is_completion[:, prompt_len:] = True
-    batch = sharding.global_batch(
-      {
-        "tokens": tokens,
-        "valid": np.ones_like(tokens, bool),
-        "prompt": ~is_completion,
-        "completion": is_completion,
-        "rewards": rewards,
-      },
-      mesh,
-      rules,
+    batch = posttrain.global_rows(
+      posttrain.assemble_rollout(prompt, valid, completion, rewards), mesh, rules
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       prepared = prepare(state, ref_params, batch)
@@ -270,6 +279,7 @@ def _peak(dtype: str) -> tuple[float, str]:
 
 
 def main(argv):
+  cli.quiet_libraries()
   if len(argv) != 2 or argv[1] not in ("train", "sample", "rl"):
     raise app.UsageError("usage: python -m trafl_jax.bench train|sample|rl [--preset=small ...]")
   if argv[1] == "rl":

@@ -40,15 +40,35 @@ def default_workdir(config_path: str, prefix: str = "") -> str:
   return os.path.join("runs", prefix + name + (f"_{variant}" if variant else ""))
 
 
+_LOG_LIBRARIES = flags.DEFINE_bool(
+  "log_libraries",
+  False,
+  "Also show the INFO logs of libraries (orbax, grain, JAX, ...); by default the console shows "
+  "trafl_jax's own messages and every warning and error. --verbosity=1 (debug) shows them too.",
+)
+# Where our own code lives: this package and the repository's scripts/ (as imported, and resolved).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIRS = tuple(
+  os.path.join(resolve(d), "")
+  for d in (_PACKAGE_DIR, os.path.join(os.path.dirname(_PACKAGE_DIR), "scripts"))
+  for resolve in (os.path.abspath, os.path.realpath)
+)
+
+
 class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the console (warnings still show)."""
+  """Keeps the libraries' INFO and DEBUG records (orbax's per-read and per-save chatter, grain's,
+  JAX's backend probing) out of the console; warnings and errors, and all of ours, still show."""
 
   def filter(self, record):
     # Python's level numbers (absl.logging.WARNING is absl's verbosity, -1, which every record passes).
-    return record.levelno >= std_logging.WARNING or not any(
-      lib in record.pathname for lib in ("orbax", "grain", "xla_bridge")
-    )
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_OWN_DIRS)
 
 
 def quiet_libraries() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  """Every command line's first call in `main`: only our messages unless --log_libraries or
+  --verbosity>=1 asked for more. Idempotent."""
+  if flags.FLAGS.is_parsed() and (_LOG_LIBRARIES.value or logging.get_verbosity() > logging.INFO):
+    return
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())

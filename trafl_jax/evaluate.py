@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from trafl_jax import distributed, eval_report, metrics, sample
+from trafl_jax import eval_report, jsonl, loop, metrics, sample, sharding
+from trafl_jax import model as model_lib
 from trafl_jax import tasks as tasks_lib
 
 RECORDS_FILE = "eval_records.jsonl"
@@ -49,9 +50,6 @@ class EvalConfig:
   seed: int
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
-  # The mesh checkpoints are loaded on ((axis, size), ...); empty: data parallel over every device. An 8B
-  # model needs the run's FSDP split: replicated, its float32 parameters alone are 32 GB per device.
-  mesh: tuple[tuple[str, int], ...] = ()
 
   def load(self, task: str, path: str | None):
     kw = {}
@@ -151,13 +149,9 @@ def _parse_task(spec: str) -> tuple[str, str | None, str]:
 def _read_records(path: str) -> dict[tuple, dict]:
   done = {}
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut short by a kill: that batch is redone
-        done[(r["checkpoint"], r["task"], r["gen_length"], r["id"])] = r
+    # A line cut short by a kill (and what a restart appended to it) is skipped: that batch is redone.
+    for _, r in jsonl.read(path, skip_corrupt=True):
+      done[(r["checkpoint"], r["task"], r["gen_length"], r["id"])] = r
   return done
 
 
@@ -211,7 +205,7 @@ def _evaluate_batch(generator, problems, settings, cfg: EvalConfig, seed: int) -
   )
   texts = [c.text for c in greedy] + [c.text for c in sampled]
   owners = list(problems) + [p for p in problems for _ in range(n)]
-  rewards = rewards_of(owners, texts)
+  rewards = tasks_lib.rewards_split(owners, texts)
   out = []
   for i, problem in enumerate(problems):
     rows = sampled[i * n : (i + 1) * n]
@@ -229,22 +223,21 @@ def _evaluate_batch(generator, problems, settings, cfg: EvalConfig, seed: int) -
   return out
 
 
-def rewards_of(owners, texts) -> list[float]:
-  """Rewards with the scoring split over the processes (each scores a share; all get every value)."""
-  pairs = list(zip(owners, texts))
-  return distributed.map_split(
-    lambda part: tasks_lib.rewards([o for o, _ in part], [t for _, t in part]), pairs
-  )
-
-
 def run(
   cfg: EvalConfig,
   checkpoints: Sequence[str],
   workdir: str,
   labels: Sequence[str] = (),
   show_progress: bool = True,
+  settings: model_lib.ModelSettings | None = None,
+  layout: sharding.Layout | None = None,
+  run_config: dict | None = None,
 ) -> dict:
-  """Evaluates every checkpoint and writes eval.json, eval.md and passk.png; returns the summary."""
+  """Evaluates every checkpoint and writes eval.json, eval.md and passk.png; returns the summary.
+  Each checkpoint gives its model's shape; `settings` (a run's config: default, as stored) how it is
+  computed, `layout` how it is sharded (default: data parallel over every device; an 8B model needs the
+  run's FSDP split: replicated, its float32 parameters alone are 32 GB per device). `run_config` is
+  recorded as `config.json` with each checkpoint's resolved model."""
   os.makedirs(workdir, exist_ok=True)
   labels = list(labels) or _labels(checkpoints)
   if len(labels) != len(checkpoints):
@@ -257,8 +250,12 @@ def run(
   progress = metrics.Progress(total, enabled=show_progress, desc="eval")
   done: dict[tuple, dict] = {}
   try:
+    models = {}
     for checkpoint, label in zip(checkpoints, labels):
-      generator = sample.Generator.load(checkpoint, mesh=dict(cfg.mesh) or None)
+      generator = sample.Generator.load(checkpoint, settings=settings, layout=layout)
+      models[label] = dataclasses.asdict(generator.cfg)
+      if run_config is not None:
+        loop.write_config(workdir, {**run_config, "models": models})
       done.update(evaluate_checkpoint(generator, label, cfg, workdir, progress))
   finally:
     progress.close()
@@ -290,42 +287,28 @@ def _summaries(done: dict[tuple, dict], labels: Sequence[str]) -> dict:
   }
 
 
-def eval_config(config) -> EvalConfig:
-  """The config's `eval` section as plain values (the config stops at this boundary)."""
-  e = config.eval
-  return EvalConfig(
-    tasks=tuple(e.tasks),
-    split=e.split,
-    limit=e.limit or None,
-    gen_lengths=tuple(int(x) for x in e.gen_lengths),
-    steps_per_token=e.steps_per_token,
-    block_length=e.block_length,
-    remasking=e.remasking,
-    num_samples=e.num_samples,
-    temperature=e.temperature,
-    batch_size=e.batch_size,
-    problems_per_batch=e.problems_per_batch,
-    seed=e.seed,
-    countdown_numbers=config.data.countdown_numbers,
-    countdown_max_number=config.data.countdown_max_number,
-    mesh=tuple((k, int(v)) for k, v in config.mesh.to_dict().items()),
-  )
-
-
 def main(argv) -> None:
   del argv
   import sys
 
   from absl import flags
 
-  from trafl_jax import checkpoint, cli
+  from trafl_jax import checkpoint, cli, config_lib
 
   cli.quiet_libraries()
   f = flags.FLAGS
   config = cli.load_config(f["config"])
   workdir = f.workdir or cli.default_workdir(f["config"].config_filename, prefix="eval_")
   try:
-    summary = run(eval_config(config), f.checkpoint, workdir, f.label or ())
+    summary = run(
+      config_lib.eval_config(config),
+      f.checkpoint,
+      workdir,
+      f.label or (),
+      settings=config_lib.model_settings(config),
+      layout=config_lib.layout(config),
+      run_config=config_lib.record(config),
+    )
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

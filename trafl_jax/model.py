@@ -68,6 +68,144 @@ class ModelConfig:
     return self.n_layers * per_layer + 2 * v * d + d
 
 
+# How a ModelConfig's fields divide: a checkpoint fixes the shape (its arrays and token ids); the run's
+# config says how it is computed. FOLLOW in a shape field of `ModelSettings` means "the checkpoint's".
+SHAPE_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "n_layers",
+  "n_heads",
+  "n_kv_heads",
+  "mlp_hidden",
+  "mask_token_id",
+  "eos_token_id",
+  "pad_token_id",
+  "rope_theta",
+  "rms_norm_eps",
+)
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+FOLLOW = -1
+
+
+# Size presets (configs choose one with model.preset). `tiny` is for tests, `mini` for the CPU default
+# job (DESIGN section 5 sizing), `small` for CPU demos and benchmarks, `1b` for GPU benchmarks,
+# `llada_8b` is LLaDA-8B's shape, `checkpoint` follows the checkpoint.
+PRESETS = {
+  "tiny": dict(
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden=128,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "mini": dict(
+    vocab_size=128,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    mlp_hidden=384,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "small": dict(
+    vocab_size=1024,
+    d_model=512,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    mlp_hidden=1536,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=10000.0,
+  ),
+  "1b": dict(
+    vocab_size=32768,
+    d_model=2048,
+    n_layers=18,
+    n_heads=16,
+    n_kv_heads=16,
+    mlp_hidden=5632,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=500000.0,
+  ),
+  "llada_8b": dict(
+    vocab_size=126464,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=32,
+    mlp_hidden=12288,
+    mask_token_id=126336,
+    eos_token_id=126081,
+    pad_token_id=126081,
+    rope_theta=500000.0,
+  ),
+}
+PRESETS["checkpoint"] = {
+  k: FOLLOW for k in SHAPE_FIELDS
+}  # post-training / evaluating a given model
+PRESETS["checkpoint"].update(rope_theta=float(FOLLOW), rms_norm_eps=float(FOLLOW))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """What a run's config says of the model: a shape (field -> value; FOLLOW = the checkpoint's) and the
+  compute settings, which always come from the config."""
+
+  shape: tuple[tuple[str, Any], ...]
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    unknown = sorted({k for k, _ in self.shape} - set(SHAPE_FIELDS))
+    if unknown:
+      raise ValueError(f"model shape fields {unknown} are not ModelConfig fields")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat {self.remat!r} is not one of {REMAT_POLICIES}")
+
+  def compute(self) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in COMPUTE_FIELDS}
+
+  def build(self) -> ModelConfig:
+    """The model of a run that makes its own parameters: no shape field may be FOLLOW."""
+    shape = dict(self.shape)
+    missing = [k for k, v in self.shape if v == FOLLOW]
+    if missing:
+      raise ValueError(
+        f"config.model leaves {missing} to a checkpoint ({FOLLOW}), but this stage builds a new "
+        "model; give a model.preset with a shape"
+      )
+    return ModelConfig(**shape, **self.compute())
+
+  def resolve(self, stored: ModelConfig, where: str) -> ModelConfig:
+    """The checkpoint's shape with these compute settings. A shape field the config sets (non-zero)
+    must equal the checkpoint's unless it is FOLLOW: the error names both values."""
+    wrong = [
+      f"{k}: config {v!r} vs checkpoint {getattr(stored, k)!r}"
+      for k, v in self.shape
+      if v != FOLLOW and v != getattr(stored, k)
+    ]
+    if wrong:
+      raise ValueError(
+        f"config.model does not match the checkpoint {where} ({'; '.join(wrong)}); set the "
+        "checkpoint's values, or --config.model.preset=checkpoint to follow the checkpoint"
+      )
+    return dataclasses.replace(stored, **self.compute())
+
+
 def _dense(
   x_BxTxI: jax.Array, features: int, axes: tuple[str, str], cfg: ModelConfig, name: str
 ) -> jax.Array:
@@ -227,6 +365,20 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD
     return logits_BxTxV
+
+
+def restack(params, n_layers: int, scan_layers: bool):
+  """Parameters in the other layer layout: `blocks` stacked on a leading layer axis (scan_layers) or
+  `blocks_0 ... blocks_{L-1}` (unrolled). The values are the same; only the tree differs."""
+  params = dict(params)
+  if scan_layers and "blocks" not in params:
+    layers = [params.pop(f"blocks_{i}") for i in range(n_layers)]
+    params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  elif not scan_layers and "blocks" in params:
+    stacked = params.pop("blocks")
+    for i in range(n_layers):
+      params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
 
 
 def forward_flops(

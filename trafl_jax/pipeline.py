@@ -16,12 +16,15 @@ import ml_collections
 from absl import logging
 
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import eval_report, evaluate, posttrain, train
+from trafl_jax import config_lib, eval_report, evaluate, posttrain, train
 
 STAGES = ("reference", "posttrain", "evaluate")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
+  """Runs `config.stages`; each stage gets the dataclasses config_lib makes of the config (checked
+  whole first: an unknown key stops the job before any stage starts)."""
+  config_lib.check_config(config)
   stages = tuple(config.stages)
   unknown = set(stages) - set(STAGES)
   if unknown:
@@ -40,12 +43,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None =
       logging.info("reference model already trained in %s", reference)
     else:
       logging.info("stage 1: masked-diffusion training of the reference model in %s", reference)
-      out["reference"] = train.run(config, reference, max_steps=max_steps)
+      out["reference"] = reference_stage(config, reference, max_steps)
       if not _finished(reference, config.train.num_steps):
         return out  # stopped early (SIGTERM or --max_steps): the next run continues here
   if "posttrain" in stages:
     logging.info("stage 2: %s post-training in %s", config.rl.objective, policy)
-    out["posttrain"] = posttrain.run(config, policy, reference, max_steps=max_steps)
+    out["posttrain"] = posttrain_stage(config, policy, reference, max_steps)
     if not _finished(policy, config.rl.num_steps):
       return out
   if "evaluate" in stages:
@@ -54,8 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None =
     if "posttrain" in stages:
       checkpoints.append(policy)
       labels.append(config.rl.objective)
-    summary = evaluate.run(
-      evaluate.eval_config(config),
+    summary = evaluate_stage(
+      config,
       checkpoints,
       os.path.join(workdir, "eval"),
       labels,
@@ -66,6 +69,48 @@ def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None =
       print(eval_report.markdown(summary))
       print(f"reports: {os.path.join(workdir, 'eval')}/eval.md, passk.png")
   return out
+
+
+def reference_stage(config: ml_collections.ConfigDict, workdir: str, max_steps=None) -> dict:
+  """Masked-diffusion training of a model of the config's shape into `workdir`."""
+  return train.run(
+    config_lib.train_config(config),
+    config_lib.model_config(config),
+    config_lib.layout(config),
+    workdir,
+    config_lib.record(config),
+    max_steps,
+  )
+
+
+def posttrain_stage(
+  config: ml_collections.ConfigDict, workdir: str, reference: str, max_steps=None
+) -> dict:
+  """Post-training of the checkpoint `reference` into `workdir`, with the config's model settings,
+  mesh and rules."""
+  return posttrain.run(
+    config_lib.posttrain_config(config),
+    config_lib.model_settings(config),
+    config_lib.layout(config),
+    workdir,
+    reference,
+    config_lib.record(config),
+    max_steps,
+  )
+
+
+def evaluate_stage(config, checkpoints, workdir: str, labels=(), show_progress=True) -> dict:
+  """Evaluation of `checkpoints` on the config's grid, with its model settings, mesh and rules."""
+  return evaluate.run(
+    config_lib.eval_config(config),
+    checkpoints,
+    workdir,
+    labels,
+    show_progress=show_progress,
+    settings=config_lib.model_settings(config),
+    layout=config_lib.layout(config),
+    run_config=config_lib.record(config),
+  )
 
 
 def _finished(run_dir: str, num_steps: int) -> bool:

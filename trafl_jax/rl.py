@@ -2,12 +2,16 @@
 
 One outer step: sample G completions per prompt (sampler) -> rewards on the host -> `prepare` draws the masks
 for every inner update and computes the old policy's and the reference's likelihoods under them (shared masks,
-no gradients) -> `update` once per inner iteration. The objective is a loss function (objectives.py) chosen by
-`ObjectiveConfig.objective`; everything else is common.
+no gradients) -> `update` once per inner iteration.
 
-A rollout batch holds `tokens` (int32 [N, T]: left-padded prompt, then the sampled completion), `valid`
-(False on prompt padding), `prompt`, `completion` (bool [N, T]) and `rewards` (float32 [N]); the G samples of
-a prompt are consecutive rows.
+What differs between objectives is two registry entries: the objective's loss (`OBJECTIVES`: a function of
+the policy's `Terms` and the rows' fixed data, over objectives.py's losses) and the estimator it scores
+sequences with (`ESTIMATORS`: how inputs are masked and what likelihood comes out). A new objective or
+estimator is one function and one entry.
+
+What the steps hand each other are `struct.PyTreeNode`s with their shapes in their field names: a
+`Rollout` (the G samples of a prompt are consecutive rows), `Prepared` (`prepare`'s output, stacked over
+the inner updates), `Rows` (one inner update's view of both) and `Terms` (the policy's likelihoods).
 
 Dimension legend:
   B: prompts    G: samples per prompt    N: B*G rows    T: prompt + completion tokens
@@ -16,7 +20,9 @@ Dimension legend:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,12 +93,10 @@ def create_state(
 def state_shardings(model: model_lib.Transformer, tx, log_z_lr: float, seed: int, mesh, rules):
   """`(abstract_state, shardings)` of the post-training state, nothing allocated: the policy and its
   optimizer moments follow the parameters' logical axes; the log Z head, step and key are replicated."""
-
-  def create():
-    params = state_lib.init_params(model, jax.random.PRNGKey(0), 8)
-    return create_state(params, tx, log_z_lr, model.cfg.d_model, seed)
-
-  boxed = jax.eval_shape(create)
+  create = functools.partial(
+    create_state, tx=tx, log_z_lr=log_z_lr, d_model=model.cfg.d_model, seed=seed
+  )
+  boxed = jax.eval_shape(create, state_lib.abstract_params(model))
   shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
@@ -100,39 +104,246 @@ def state_shardings(model: model_lib.Transformer, tx, log_z_lr: float, seed: int
   return abstract, shardings
 
 
-def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
-  """Shardings of a rollout batch (module docstring): rows over the data axes."""
-  rows_2d, rows_1d = (
-    sharding.batch_sharding(mesh, rules, 2),
-    sharding.batch_sharding(mesh, rules, 1),
+class Rollout(struct.PyTreeNode):
+  """A rollout batch: left-padded prompts followed by the sampled completions."""
+
+  tokens_NxT: jax.Array  # int32
+  valid_NxT: jax.Array  # False on prompt padding
+  prompt_NxT: jax.Array
+  completion_NxT: jax.Array
+  rewards_N: jax.Array  # float32
+
+
+class Prepared(struct.PyTreeNode):
+  """`prepare`'s output: every inner update's masks and inputs, and the old policy's and the
+  reference's likelihoods under them (a `token` estimator's per-token log-probabilities; zeros for the
+  `sequence` estimator, which has none)."""
+
+  masks_IxKxNxT: jax.Array
+  inputs_IxNxT: jax.Array
+  l_old_IxN: jax.Array
+  l_ref_IxN: jax.Array
+  logp_old_IxNxT: jax.Array
+  logp_ref_IxNxT: jax.Array
+  scored_NxT: jax.Array  # the completion up to its first EOS: what the likelihoods score
+
+
+class Rows(struct.PyTreeNode):
+  """One inner update's data: the rollout and that update's slice of `Prepared`."""
+
+  tokens_NxT: jax.Array
+  valid_NxT: jax.Array
+  prompt_NxT: jax.Array
+  completion_NxT: jax.Array
+  rewards_N: jax.Array
+  masks_KxNxT: jax.Array
+  inputs_NxT: jax.Array
+  l_old_N: jax.Array
+  l_ref_N: jax.Array
+  logp_old_NxT: jax.Array
+  logp_ref_NxT: jax.Array
+  scored_NxT: jax.Array
+
+  @classmethod
+  def of(cls, rollout: Rollout, prepared: Prepared, i) -> Rows:
+    return cls(
+      tokens_NxT=rollout.tokens_NxT,
+      valid_NxT=rollout.valid_NxT,
+      prompt_NxT=rollout.prompt_NxT,
+      completion_NxT=rollout.completion_NxT,
+      rewards_N=rollout.rewards_N,
+      masks_KxNxT=prepared.masks_IxKxNxT[i],
+      inputs_NxT=prepared.inputs_IxNxT[i],
+      l_old_N=prepared.l_old_IxN[i],
+      l_ref_N=prepared.l_ref_IxN[i],
+      logp_old_NxT=prepared.logp_old_IxNxT[i],
+      logp_ref_NxT=prepared.logp_ref_IxNxT[i],
+      scored_NxT=prepared.scored_NxT,
+    )
+
+
+class Terms(struct.PyTreeNode):
+  """What the loss reads of the policy: `l_theta` per row, per-token log-probabilities (a `token`
+  estimator's), and the learned log Z per prompt (empty when the objective has none)."""
+
+  l_theta_N: jax.Array
+  logp_NxT: jax.Array
+  log_z_B: jax.Array
+
+
+def _row_axis(name: str) -> int:
+  """Where a field's N axis is: the axis of the 'N' in its shape suffix (masks_KxNxT: 1)."""
+  return name.rsplit("_", 1)[1].split("x").index("N")
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimators: how a sequence is scored. `draw` gives one inner update's (masks_KxNxT, inputs_NxT);
+# `score` the likelihoods `(l_N, logp_NxT)` of `params` on them.
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  draw: Callable
+  score: Callable
+  forward_passes: Callable[[objectives.ObjectiveConfig], int]  # model passes per row per scoring
+
+
+def _draw_masked_copies(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
+  """The sequence-level surrogate's K masks of the scored positions (ocfg.estimator's scheme)."""
+  del mask_id
+  masks = diffusion.surrogate_masks(
+    key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
   )
-  return {
-    "tokens": rows_2d,
-    "valid": rows_2d,
-    "prompt": rows_2d,
-    "completion": rows_2d,
-    "rewards": rows_1d,
-  }
+  return masks, rollout.tokens_NxT
 
 
-def prepared_shardings(mesh, rules) -> dict[str, NamedSharding]:
+def _score_masked_copies(model, params, rows: Rows, ocfg):
+  """`l(y|x)`: the surrogate over the K masked copies (TraFL, elbo_grpo, wd1)."""
+  logp_KxNxT = diffusion.masked_token_log_probs(
+    _apply_fn(model),
+    params,
+    rows.tokens_NxT,
+    rows.valid_NxT,
+    rows.masks_KxNxT,
+    model.cfg.mask_token_id,
+  )
+  l_N = diffusion.surrogate_from_log_probs(
+    logp_KxNxT, rows.masks_KxNxT, rows.scored_NxT, ocfg.length_normalize
+  )
+  return l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32)
+
+
+def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
+  """diffu-GRPO's estimator input: every completion token masked, prompt tokens masked at p."""
+  masked_prompt = jax.random.uniform(key, rollout.prompt_NxT.shape) < ocfg.prompt_mask_prob
+  masked = rollout.completion_NxT | (masked_prompt & rollout.prompt_NxT)
+  masks = jnp.zeros((1,) + scored_NxT.shape, bool)
+  return masks, diffusion.apply_mask(rollout.tokens_NxT, masked, mask_id)
+
+
+def _score_one_step(model, params, rows: Rows, ocfg):
+  """Per-token log-probabilities of one pass with the completion masked (diffu-GRPO)."""
+  del ocfg
+  logits = model.apply({"params": params}, rows.inputs_NxT, rows.valid_NxT)
+  logp_NxT = diffusion.token_log_probs(logits, rows.tokens_NxT)
+  return jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
+
+
+ESTIMATORS = {
+  "sequence": Estimator(_draw_masked_copies, _score_masked_copies, lambda ocfg: ocfg.num_masks),
+  "token": Estimator(_draw_one_step, _score_one_step, lambda ocfg: 1),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives: `loss(ocfg, terms, rows, group_size) -> (loss, metrics)` and the estimator they use.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  loss: Callable
+  estimator: str
+
+
+def _grouped(x_N, group_size: int):
+  return x_N.reshape(x_N.shape[0] // group_size, group_size)
+
+
+def _advantages_N(rows: Rows, group_size: int):
+  return objectives.group_advantages(_grouped(rows.rewards_N, group_size)).reshape(-1)
+
+
+def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
+  l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
+  rewards_BxG = _grouped(rows.rewards_N, group_size)
+  if ocfg.log_z == "mlp":
+    log_z_B = terms.log_z_B
+  else:
+    log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+  weights = None
+  if ocfg.importance_weights:
+    weights = objectives.importance_weights(
+      l_theta, _grouped(rows.l_old_N, group_size), ocfg.importance_clip
+    )
+  return objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+
+
+def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
+  return objectives.diffu_grpo_loss(
+    terms.logp_NxT,
+    rows.logp_old_NxT,
+    rows.logp_ref_NxT,
+    rows.scored_NxT,
+    _advantages_N(rows, group_size),
+    ocfg.clip_eps,
+    ocfg.kl_coef,
+  )
+
+
+def _elbo_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
+  return objectives.elbo_grpo_loss(
+    terms.l_theta_N,
+    rows.l_old_N,
+    rows.l_ref_N,
+    rows.scored_NxT.sum(-1).astype(jnp.float32),
+    _advantages_N(rows, group_size),
+    ocfg.clip_eps,
+    ocfg.kl_coef,
+  )
+
+
+def _wd1(ocfg, terms: Terms, rows: Rows, group_size: int):
+  del ocfg
+  advantages_BxG = objectives.group_advantages(_grouped(rows.rewards_N, group_size))
+  return objectives.wd1_loss(_grouped(terms.l_theta_N, group_size), advantages_BxG)
+
+
+OBJECTIVES = {
+  "trafl": Objective(_trafl, "sequence"),
+  "diffu_grpo": Objective(_diffu_grpo, "token"),
+  "elbo_grpo": Objective(_elbo_grpo, "sequence"),
+  "wd1": Objective(_wd1, "sequence"),
+}
+
+
+def estimator_of(ocfg: objectives.ObjectiveConfig) -> Estimator:
+  return ESTIMATORS[OBJECTIVES[ocfg.objective].estimator]
+
+
+def learned_log_z(ocfg: objectives.ObjectiveConfig) -> bool:
+  """TraFL with the learned head (`log_z = "mlp"`) trains `log Z_phi(x)`; the rest have none."""
+  return ocfg.objective == "trafl" and ocfg.log_z == "mlp"
+
+
+def objective_loss(ocfg, terms: Terms, rows: Rows, group_size: int):
+  """`(loss, metrics)` of whole prompt groups. Every objective's loss is a mean over prompts or rows,
+  so on equal micro-batches the batch's loss is the mean of theirs."""
+  loss, extra = OBJECTIVES[ocfg.objective].loss(ocfg, terms, rows, group_size)
+  extra["rl/kl_estimate"] = jnp.mean(terms.l_theta_N - rows.l_ref_N)
+  return loss, extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Shardings and jitting
+
+
+def rollout_shardings(mesh, rules) -> Rollout:
+  """Shardings of a rollout batch: rows over the data axes."""
+  rows_2d = sharding.batch_sharding(mesh, rules, 2)
+  return Rollout(rows_2d, rows_2d, rows_2d, rows_2d, sharding.batch_sharding(mesh, rules, 1))
+
+
+def prepared_shardings(mesh, rules) -> Prepared:
   """Shardings of `prepare`'s output: the row axis N over the data axes, wherever it sits."""
   axes = sharding.batch_axes(rules)
 
-  def rows_at(ndim: int, axis: int) -> NamedSharding:
-    spec = [None] * ndim
-    spec[axis] = axes
+  def sharded(name: str) -> NamedSharding:
+    dims = name.rsplit("_", 1)[1].split("x")
+    spec = [None] * len(dims)
+    spec[dims.index("N")] = axes
     return NamedSharding(mesh, P(*spec))
 
-  return {
-    "masks": rows_at(4, 2),  # I x K x N x T
-    "inputs": rows_at(3, 1),  # I x N x T
-    "l_old": rows_at(2, 1),  # I x N
-    "l_ref": rows_at(2, 1),
-    "logp_old": rows_at(3, 1),  # I x N x T
-    "logp_ref": rows_at(3, 1),
-    "scored": rows_at(2, 0),  # N x T
-  }
+  return Prepared(**{f.name: sharded(f.name) for f in dataclasses.fields(Prepared)})
 
 
 def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shardings, mesh, rules):
@@ -140,23 +351,23 @@ def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shard
   `update`), so a multi-process run moves no data it does not have to and a lowering with abstract
   inputs (scripts/memory_plan.py) sees exactly the training step."""
   replicated = sharding.replicated(mesh)
-  batch, prepared = batch_shardings(mesh, rules), prepared_shardings(mesh, rules)
+  rollout, prepared = rollout_shardings(mesh, rules), prepared_shardings(mesh, rules)
   prepare_fn = jax.jit(
     functools.partial(prepare, model=model, ocfg=ocfg, num_inner=num_inner),
-    in_shardings=(shardings, ref_shardings, batch),
+    in_shardings=(shardings, ref_shardings, rollout),
     out_shardings=prepared,
   )
   update_fn = jax.jit(
     functools.partial(update, model=model, ocfg=ocfg, group_size=group_size),
-    in_shardings=(shardings, batch, prepared, replicated),
+    in_shardings=(shardings, rollout, prepared, replicated),
     out_shardings=(shardings, replicated),
     donate_argnums=0,
   )
   bias_fn = jax.jit(
-    lambda state, rewards: state.replace(
-      log_z=set_log_z_bias(state.log_z, ocfg.beta * jnp.mean(rewards))
+    lambda state, rewards_N: state.replace(
+      log_z=set_log_z_bias(state.log_z, ocfg.beta * jnp.mean(rewards_N))
     ),
-    in_shardings=(shardings, batch["rewards"]),
+    in_shardings=(shardings, rollout.rewards_N),
     out_shardings=shardings,
     donate_argnums=0,
   )
@@ -174,27 +385,8 @@ def _apply_fn(model: model_lib.Transformer):
   return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
 
 
-def _one_step_inputs(rng, batch, prompt_mask_prob: float, mask_id: int):
-  """diffu-GRPO's estimator input: every completion token masked, prompt tokens masked at p."""
-  masked_prompt = jax.random.uniform(rng, batch["prompt"].shape) < prompt_mask_prob
-  masked = batch["completion"] | (masked_prompt & batch["prompt"])
-  return diffusion.apply_mask(batch["tokens"], masked, mask_id)
-
-
-def _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg):
-  """`(l_N, token_logp_NxT)`: the surrogate for TraFL / elbo_grpo / wd1, per-token log-probabilities of
-  the one-step estimator for diffu_grpo."""
-  if ocfg.objective == "diffu_grpo":
-    logits = model.apply({"params": params}, inputs_NxT, batch["valid"])
-    logp_NxT = diffusion.token_log_probs(logits, batch["tokens"])
-    return jnp.where(scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
-  logp_KxNxT = diffusion.masked_token_log_probs(
-    _apply_fn(model), params, batch["tokens"], batch["valid"], masks_KxNxT, model.cfg.mask_token_id
-  )
-  l_N = diffusion.surrogate_from_log_probs(
-    logp_KxNxT, masks_KxNxT, scored_NxT, ocfg.length_normalize
-  )
-  return l_N, jnp.zeros_like(scored_NxT, jnp.float32)
+# ----------------------------------------------------------------------------------------------
+# Micro-batches
 
 
 def _split_rows(x, micro_batches: int, axis: int = 0):
@@ -217,6 +409,18 @@ def _merge_rows(x, axis: int = 0):
   return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
 
 
+def split_micro_batches(node, micro_batches: int):
+  """A PyTreeNode of row-indexed fields -> the same node with a leading M axis on every field (each
+  field split on its own N axis, read from its name)."""
+  return node.replace(
+    **{
+      f.name: _split_rows(getattr(node, f.name), micro_batches, _row_axis(f.name))
+      for f in dataclasses.fields(node)
+      if getattr(node, f.name) is not None
+    }
+  )
+
+
 def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = None) -> None:
   """Micro-batches hold whole prompt groups (TraFL's log Z, the batch-mean log Z and the group
   advantages are per group), all of the same size (the loss is then the mean of theirs)."""
@@ -232,164 +436,100 @@ def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = 
     )
 
 
-def _micro_batched_likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg):
-  """`_likelihoods` over `ocfg.micro_batches` consecutive row ranges in turn (a `lax.map`), so only one
-  micro-batch's activations are alive at a time; the same values as one pass."""
-  m = ocfg.micro_batches
-  if m == 1:
-    return _likelihoods(model, params, batch, masks_KxNxT, inputs_NxT, scored_NxT, ocfg)
-  rows = {
-    "tokens": _split_rows(batch["tokens"], m),
-    "valid": _split_rows(batch["valid"], m),
-    "masks": _split_rows(masks_KxNxT, m, axis=1),
-    "inputs": _split_rows(inputs_NxT, m),
-    "scored": _split_rows(scored_NxT, m),
-  }
-
-  def one(mb):
-    return _likelihoods(model, params, mb, mb["masks"], mb["inputs"], mb["scored"], ocfg)
-
-  l_MxN, logp_MxNxT = jax.lax.map(one, rows)
+def _likelihoods(model, params, rows: Rows, ocfg):
+  """The objective's estimator's `(l_N, logp_NxT)` of `params`, over `ocfg.micro_batches` consecutive
+  row ranges in turn (a `lax.map`) when it is above 1, so only one micro-batch's activations are alive
+  at a time; the same values as one pass."""
+  score = functools.partial(estimator_of(ocfg).score, model, params, ocfg=ocfg)
+  if ocfg.micro_batches == 1:
+    return score(rows)
+  l_MxN, logp_MxNxT = jax.lax.map(score, split_micro_batches(rows, ocfg.micro_batches))
   return _merge_rows(l_MxN), _merge_rows(logp_MxNxT)
 
 
-def prepare(state: RLState, ref_params, batch, *, model, ocfg, num_inner: int):
+# ----------------------------------------------------------------------------------------------
+# The steps
+
+
+def prepare(state: RLState, ref_params, rollout: Rollout, *, model, ocfg, num_inner: int):
   """Draws the masks of every inner update and scores the batch under the old policy and the reference
   with them (no gradients), one inner update at a time and micro-batch by micro-batch when
   `ocfg.micro_batches > 1` (the masks are drawn for the whole batch first, so they do not depend on
-  it). Returns a dict of `I`-stacked arrays."""
-  check_micro_batches(batch["tokens"].shape[0], ocfg.micro_batches)
+  it)."""
+  check_micro_batches(rollout.tokens_NxT.shape[0], ocfg.micro_batches)
   scored_NxT = diffusion.scored_positions(
-    batch["completion"], batch["tokens"], model.cfg.eos_token_id
+    rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
   )
   rng = jax.random.fold_in(state.rng, state.step)
+  estimator = estimator_of(ocfg)
 
   def one(i):
     key = jax.random.fold_in(rng, i)
-    if ocfg.objective == "diffu_grpo":
-      masks = jnp.zeros((1,) + scored_NxT.shape, bool)
-      inputs = _one_step_inputs(key, batch, ocfg.prompt_mask_prob, model.cfg.mask_token_id)
-    else:
-      masks = diffusion.surrogate_masks(
-        key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
-      )
-      inputs = batch["tokens"]
-    l_old, logp_old = _micro_batched_likelihoods(
-      model, state.params, batch, masks, inputs, scored_NxT, ocfg
+    masks, inputs = estimator.draw(key, rollout, scored_NxT, ocfg, model.cfg.mask_token_id)
+    # What scoring reads; the fields it does not are left out (None), so micro-batches skip them.
+    rows = Rows(
+      tokens_NxT=rollout.tokens_NxT,
+      valid_NxT=rollout.valid_NxT,
+      prompt_NxT=None,
+      completion_NxT=None,
+      rewards_N=None,
+      masks_KxNxT=masks,
+      inputs_NxT=inputs,
+      l_old_N=None,
+      l_ref_N=None,
+      logp_old_NxT=None,
+      logp_ref_NxT=None,
+      scored_NxT=scored_NxT,
     )
-    l_ref, logp_ref = _micro_batched_likelihoods(
-      model, ref_params, batch, masks, inputs, scored_NxT, ocfg
-    )
-    return {
-      "masks": masks,
-      "inputs": inputs,
-      "l_old": l_old,
-      "l_ref": l_ref,
-      "logp_old": logp_old,
-      "logp_ref": logp_ref,
-    }
+    l_old, logp_old = _likelihoods(model, state.params, rows, ocfg)
+    l_ref, logp_ref = _likelihoods(model, ref_params, rows, ocfg)
+    return masks, inputs, l_old, l_ref, logp_old, logp_ref
 
   # A loop, not an unrolled list: unrolled, XLA kept every iteration's activations alive at once
   # (diffu_grpo with d1's 12 inner updates: 28 GiB of temporaries a device on v4-32, not 8;
   # docs/scaling.md).
-  out = jax.lax.map(one, jnp.arange(num_inner))
-  out["scored"] = scored_NxT
-  return jax.lax.stop_gradient(out)
-
-
-def objective_loss(ocfg, terms, rows, group_size: int):
-  """`(loss, metrics)` of whole prompt groups, from the policy's `terms` (`l_theta` [N], `logp` [N, T],
-  `log_z` [B] for TraFL's learned log Z) and the rows' fixed data (`rewards`, `scored` and the
-  prepared `l_old`, `l_ref`, `logp_old`, `logp_ref`). Every objective's loss is a mean over prompts or
-  rows, so on equal micro-batches the batch's loss is the mean of theirs."""
-  l_theta_N, scored_NxT = terms["l_theta"], rows["scored"]
-  n = l_theta_N.shape[0]
-  b, g = n // group_size, group_size
-  rewards_BxG = rows["rewards"].reshape(b, g)
-  l_theta, l_ref = l_theta_N.reshape(b, g), rows["l_ref"].reshape(b, g)
-  length_N = scored_NxT.sum(-1).astype(jnp.float32)
-  adv_BxG = objectives.group_advantages(rewards_BxG)
-  if ocfg.objective == "trafl":
-    if ocfg.log_z == "mlp":
-      log_z_B = terms["log_z"]
-    else:
-      log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
-    weights = None
-    if ocfg.importance_weights:
-      weights = objectives.importance_weights(
-        l_theta, rows["l_old"].reshape(b, g), ocfg.importance_clip
-      )
-    loss, extra = objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
-  elif ocfg.objective == "diffu_grpo":
-    loss, extra = objectives.diffu_grpo_loss(
-      terms["logp"],
-      rows["logp_old"],
-      rows["logp_ref"],
-      scored_NxT,
-      adv_BxG.reshape(n),
-      ocfg.clip_eps,
-      ocfg.kl_coef,
-    )
-  elif ocfg.objective == "elbo_grpo":
-    loss, extra = objectives.elbo_grpo_loss(
-      l_theta_N,
-      rows["l_old"],
-      rows["l_ref"],
-      length_N,
-      adv_BxG.reshape(n),
-      ocfg.clip_eps,
-      ocfg.kl_coef,
-    )
-  else:
-    loss, extra = objectives.wd1_loss(l_theta, adv_BxG)
-  extra["rl/kl_estimate"] = jnp.mean(l_theta_N - rows["l_ref"])
-  return loss, extra
+  stacked = jax.lax.map(one, jnp.arange(num_inner))
+  return jax.lax.stop_gradient(Prepared(*stacked, scored_NxT=scored_NxT))
 
 
 def _constrain_like_params(model, tree):
   """Pins a params-shaped tree (the gradient accumulator) to the parameters' logical shardings, so a
   scan carry cannot end up replicated; a no-op outside a mesh and rules context."""
-  boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), 8))
-  specs = nn.get_partition_spec(boxed)
+  specs = nn.get_partition_spec(state_lib.abstract_params(model))
   return jax.tree.map(nn.with_logical_constraint, tree, specs)
 
 
-def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
+def update(
+  state: RLState, rollout: Rollout, prepared: Prepared, i, *, model, ocfg, group_size: int
+):
   """One optimizer step on inner iteration `i`'s masks. With `ocfg.micro_batches = M > 1` the
   gradient is accumulated over M micro-batches of whole prompt groups (a `lax.scan`; one micro-batch's
   activations alive at a time) before the one step: the same loss, metrics and step as M = 1, up to
   float summation order. Returns the new state and flat metrics."""
   g, m = group_size, ocfg.micro_batches
-  n = batch["rewards"].shape[0]
+  n = rollout.rewards_N.shape[0]
   check_micro_batches(n, m, g)
-  sel = jax.tree.map(lambda x: x[i], {k: v for k, v in prepared.items() if k != "scored"})
-  rows = {
-    **{k: batch[k] for k in ("tokens", "valid", "prompt", "completion", "rewards")},
-    **{k: sel[k] for k in ("inputs", "l_old", "l_ref", "logp_old", "logp_ref")},
-    "masks": sel["masks"],  # K x N x T: the row axis is 1
-    "scored": prepared["scored"],
-  }
+  rows = Rows.of(rollout, prepared, i)
   head = objectives.LogZHead(width=model.cfg.d_model)
-  learned_log_z = ocfg.objective == "trafl" and ocfg.log_z == "mlp"
+  score = estimator_of(ocfg).score
 
-  def micro_step(params, log_z_params, mb):
+  def micro_step(params, log_z_params, mb: Rows):
     """`((loss, terms), grads)` of one micro-batch (or the whole batch)."""
     hidden_BxTxD = None
-    if learned_log_z:
+    if learned_log_z(ocfg):
       # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
-      masked_NxT = diffusion.apply_mask(mb["tokens"], mb["completion"], model.cfg.mask_token_id)
+      masked_NxT = diffusion.apply_mask(mb.tokens_NxT, mb.completion_NxT, model.cfg.mask_token_id)
       _, hidden = model.apply(
-        {"params": params}, masked_NxT[::g], mb["valid"][::g], return_hidden=True
+        {"params": params}, masked_NxT[::g], mb.valid_NxT[::g], return_hidden=True
       )
       hidden_BxTxD = jax.lax.stop_gradient(hidden)
 
     def loss_fn(params, log_z_params):
-      l_theta_N, logp_NxT = _likelihoods(
-        model, params, mb, mb["masks"], mb["inputs"], mb["scored"], ocfg
-      )
-      terms = {"l_theta": l_theta_N, "logp": logp_NxT}
-      if learned_log_z:
-        terms["log_z"] = head.apply({"params": log_z_params}, hidden_BxTxD, mb["prompt"][::g])
+      l_theta_N, logp_NxT = score(model, params, mb, ocfg)
+      log_z_B = jnp.zeros((0,))
+      if learned_log_z(ocfg):
+        log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
+      terms = Terms(l_theta_N=l_theta_N, logp_NxT=logp_NxT, log_z_B=log_z_B)
       return objective_loss(ocfg, terms, mb, g)[0], terms
 
     return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
@@ -397,7 +537,6 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
   if m == 1:
     (_, terms), (grads, log_z_grads) = micro_step(state.params, state.log_z, rows)
   else:
-    micro = {k: _split_rows(v, m, axis=1 if k == "masks" else 0) for k, v in rows.items()}
 
     def accumulate(carry, mb):
       (_, terms), step_grads = micro_step(state.params, state.log_z, mb)
@@ -406,7 +545,7 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
 
     zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
     zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
-    (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, micro)
+    (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
     terms = jax.tree.map(_merge_rows, terms)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
   loss, metrics = objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
@@ -418,7 +557,7 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
     log_z=optax.apply_updates(state.log_z, log_z_updates),
     log_z_opt_state=log_z_opt_state,
   )
-  rewards_BxG = batch["rewards"].reshape(n // g, g)
+  rewards_BxG = _grouped(rollout.rewards_N, g)
   metrics.update(
     {
       "rl/loss": loss,
@@ -426,7 +565,7 @@ def update(state: RLState, batch, prepared, i, *, model, ocfg, group_size: int):
       "rl/reward_mean": rewards_BxG.mean(),
       "rl/all_correct_groups": jnp.mean(jnp.all(rewards_BxG > 0, axis=1)),
       "rl/all_wrong_groups": jnp.mean(jnp.all(rewards_BxG <= 0, axis=1)),
-      "rl/completion_length": prepared["scored"].sum(-1).astype(jnp.float32).mean(),
+      "rl/completion_length": prepared.scored_NxT.sum(-1).astype(jnp.float32).mean(),
     }
   )
   return state, metrics

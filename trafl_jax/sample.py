@@ -16,6 +16,7 @@ sentencepiece model cached in their workdir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -24,12 +25,11 @@ from collections.abc import Mapping, Sequence
 import jax
 import jinja2.sandbox
 import numpy as np
-from flax import linen as nn
 
-from configs import common
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import convert, data, sampler, sharding
+from trafl_jax import cli, convert, data, jsonl, sampler, sharding
 from trafl_jax import model as model_lib
+from trafl_jax import state as state_lib
 
 # Tokens after which a chat model's answer is over, besides the model's EOS.
 _END_OF_TURN = ("<|eot_id|>", "<|endoftext|>")
@@ -55,7 +55,8 @@ def _tokenizer_dirs(path: str) -> list[str]:
 
 
 def find_tokenizer(checkpoint: str, cfg: model_lib.ModelConfig, path: str | None = None):
-  """A tokenizer for `checkpoint`: `path` if given, else `tokenizer.json` or our cached spm model."""
+  """`(tokenizer, file)` for `checkpoint`: `path` if given, else `tokenizer.json` or our cached spm
+  model beside it; `(None, "")` when there is none (the token-id API still works)."""
   ids = dict(mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
   candidates = [path] if path else []
   for d in _tokenizer_dirs(checkpoint):
@@ -64,10 +65,9 @@ def find_tokenizer(checkpoint: str, cfg: model_lib.ModelConfig, path: str | None
     if candidate and os.path.isfile(candidate):
       kind = "hf" if candidate.endswith(".json") else "sentencepiece"
       return data.get_tokenizer(kind, candidate, "", None, cfg.vocab_size, **ids), candidate
-  raise ValueError(
-    f"no tokenizer found for {checkpoint} (looked for tokenizer.json and tokenizer/spm.model in it "
-    "and in its parent directories); pass one with --tokenizer"
-  )
+  if path:
+    raise ValueError(f"tokenizer {path} does not exist")
+  return None, ""
 
 
 def _chat_template(tokenizer_file: str):
@@ -86,10 +86,26 @@ def _chat_template(tokenizer_file: str):
   return env.from_string(template), bos
 
 
-class Generator:
-  """A model, its parameters (sharded over the local devices) and its tokenizer, ready to sample."""
+def _restore(checkpoint: str, stored, cfg, mesh, rules):
+  """The checkpoint's parameters in `cfg`'s dtype and layer layout, sharded by `rules` on `mesh`. A
+  stored layer layout other than the config's (`scan_layers`) is restacked on the devices."""
+  target, shardings = state_lib.param_target(model_lib.Transformer(cfg), mesh, rules)
+  if stored.scan_layers == cfg.scan_layers:
+    return ckpt_lib.restore_params(checkpoint, target)
+  as_stored = dataclasses.replace(cfg, scan_layers=stored.scan_layers)
+  stored_target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
+  params = ckpt_lib.restore_params(checkpoint, stored_target)
+  restack = functools.partial(model_lib.restack, n_layers=cfg.n_layers, scan_layers=cfg.scan_layers)
+  return jax.jit(restack, out_shardings=shardings, donate_argnums=0)(params)
 
-  def __init__(self, cfg: model_lib.ModelConfig, params, tokenizer, mesh, rules, tokenizer_file=""):
+
+class Generator:
+  """A model, its parameters (sharded over the local devices) and its tokenizer (None for a checkpoint
+  without one: `generate_ids` works, the text API says what is missing), ready to sample."""
+
+  def __init__(
+    self, cfg: model_lib.ModelConfig, params, tokenizer, mesh, rules, tokenizer_file="", source=""
+  ):
     self.cfg = cfg
     self.model = model_lib.Transformer(cfg)
     self.params = params
@@ -98,9 +114,10 @@ class Generator:
     self.rules = rules
     self.param_shardings = jax.tree.map(lambda x: x.sharding, params)
     self.tokenizer_file = tokenizer_file
+    self.source = source
     self.template, self.bos_token = _chat_template(tokenizer_file)
-    ends = [tokenizer.token_id(t) for t in _END_OF_TURN] + [cfg.eos_token_id]
-    self.end_ids = sorted({i for i in ends if i is not None})
+    ends = [tokenizer.token_id(t) for t in _END_OF_TURN] if tokenizer is not None else []
+    self.end_ids = sorted({i for i in ends + [cfg.eos_token_id] if i is not None})
     self._fns = {}
 
   @classmethod
@@ -109,28 +126,38 @@ class Generator:
     checkpoint: str,
     tokenizer: str | None = None,
     dtype: str | None = None,
-    mesh: Mapping[str, int] | None = None,
+    *,
+    settings: model_lib.ModelSettings | None = None,
+    layout: sharding.Layout | None = None,
   ) -> Generator:
     """Loads any checkpoint `trafl_jax` reads: a workdir or step dir of a run, a converted directory,
-    or a Hugging Face LLaDA directory. `dtype` sets the compute dtype (default: the stored one)."""
+    or a Hugging Face LLaDA directory. The checkpoint gives the model's shape; `settings` (a run's
+    config) how it is computed, its shape fields checked against the checkpoint's (default: as stored);
+    `dtype` overrides the compute dtype; `layout` the mesh and rules (default: data parallel)."""
     if not os.path.exists(checkpoint):
       raise ValueError(f"checkpoint {checkpoint} does not exist")
-    overrides = {"dtype": dtype} if dtype else {}
-    cfg = convert.model_config_from_dir(checkpoint, **overrides)
+    stored = convert.model_config_from_dir(checkpoint)
+    cfg = stored if settings is None else settings.resolve(stored, checkpoint)
+    if dtype:
+      cfg = dataclasses.replace(cfg, dtype=dtype)
     tok, tokenizer_file = find_tokenizer(checkpoint, cfg, tokenizer)
-    device_mesh = sharding.make_mesh(dict(mesh or {"data": -1}))
-    rules = sharding.rules_from_config(common.sharding_rules().to_dict())
-    abstract = jax.eval_shape(
-      lambda: model_lib.Transformer(cfg).init(
-        jax.random.PRNGKey(0), np.zeros((1, 8), np.int32), np.ones((1, 8), bool)
-      )["params"]
-    )
-    shardings = sharding.logical_to_shardings(nn.get_partition_spec(abstract), device_mesh, rules)
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-    )
-    params = ckpt_lib.restore_params(checkpoint, target)
-    return cls(cfg, params, tok, device_mesh, rules, tokenizer_file)
+    layout = layout or sharding.Layout()
+    mesh = layout.make_mesh()
+    params = _restore(checkpoint, stored, cfg, mesh, layout.rules)
+    return cls(cfg, params, tok, mesh, layout.rules, tokenizer_file, source=checkpoint)
+
+  def _require_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError(
+        f"checkpoint {self.source} has no tokenizer (looked for tokenizer.json and "
+        "tokenizer/spm.model in it and its parent directories): give one (--tokenizer) for text, "
+        "or use token ids (generate_ids, --prompt_ids)"
+      )
+    return self.tokenizer
+
+  def encode(self, text: str, chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt, wrapped in the chat template when there is one."""
+    return self._require_tokenizer().encode(self.format_prompt(text, chat))
 
   def format_prompt(self, text: str, chat: bool | None = None) -> str:
     """Wraps `text` in the chat template when there is one (or when `chat` says so)."""
@@ -154,6 +181,20 @@ class Generator:
     self,
     prompts: Sequence[str],
     *,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool | None = None,
+    **settings,
+  ) -> list[Completion]:
+    """Completions of text prompts; `settings` are `generate_ids`'s sampler settings."""
+    encoded = [self.encode(p, chat) for p in prompts]
+    tokens, commit_steps = self.generate_ids(encoded, seed=seed, batch_size=batch_size, **settings)
+    return [Completion(p, self.decode(t), t, c) for p, t, c in zip(prompts, tokens, commit_steps)]
+
+  def generate_ids(
+    self,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
     gen_length: int = 128,
     steps: int = 64,
     block_length: int = 32,
@@ -162,8 +203,9 @@ class Generator:
     cfg_scale: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
-    chat: bool | None = None,
-  ) -> list[Completion]:
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """`(completion_NxL, commit_step_NxL)` for prompts given as token ids (no tokenizer needed): the
+    whole completion region (EOS fill included) and the denoising step that committed each position."""
     scfg = sampler.SamplerConfig(
       gen_length=gen_length,
       steps=steps,
@@ -175,18 +217,17 @@ class Generator:
     generate = self._fn(scfg)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch_size = -(-max(batch_size, 1) // shards) * shards
-    encoded = [self.tokenizer.encode(self.format_prompt(p, chat)) for p in prompts]
-    out = []
-    for start in range(0, len(prompts), batch_size):
-      chunk = encoded[start : start + batch_size]
+    tokens, commit_steps = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+      chunk = prompt_ids[start : start + batch_size]
       prompt_BxP, valid_BxP = self.pad_prompts(chunk, batch_size)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-      tokens, commit_steps = map(
-        sharding.to_host, generate(self.params, prompt_BxP, valid_BxP, rng)
-      )
-      for row in range(len(chunk)):
-        out.append(self._completion(prompts[start + row], tokens[row], commit_steps[row]))
-    return out
+      out = map(sharding.to_host, generate(self.params, prompt_BxP, valid_BxP, rng))
+      for acc, value in zip((tokens, commit_steps), out):
+        acc.append(value[: len(chunk)])
+    if not tokens:
+      return np.zeros((0, gen_length), np.int32), np.zeros((0, gen_length), np.int32)
+    return np.concatenate(tokens), np.concatenate(commit_steps)
 
   def pad_prompts(self, encoded: Sequence[Sequence[int]], rows: int, width: int | None = None):
     """Left-pads token lists into `[rows, width]` (width: the longest rounded up to 32, so a stream of
@@ -202,14 +243,14 @@ class Generator:
     valid_BxP[len(encoded) :, -1] = True  # keeps attention defined on filler rows
     return prompt_BxP, valid_BxP
 
-  def decode(self, tokens: np.ndarray) -> str:
-    """The completion's text up to its first end token (EOS or end of turn)."""
+  def until_end(self, tokens: np.ndarray) -> np.ndarray:
+    """The completion's tokens up to its first end token (EOS or end of turn)."""
     ends = np.isin(tokens, self.end_ids)
-    stop = int(ends.argmax()) if ends.any() else len(tokens)
-    return self.tokenizer.decode(np.asarray(tokens[:stop]).tolist())
+    return np.asarray(tokens[: int(ends.argmax()) if ends.any() else len(tokens)])
 
-  def _completion(self, prompt: str, tokens: np.ndarray, commit_steps: np.ndarray) -> Completion:
-    return Completion(prompt, self.decode(tokens), tokens, commit_steps)
+  def decode(self, tokens: np.ndarray) -> str:
+    """The completion's text up to its first end token."""
+    return self._require_tokenizer().decode(self.until_end(tokens).tolist())
 
 
 def read_prompts(path: str) -> list[str]:
@@ -217,53 +258,73 @@ def read_prompts(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise ValueError(f"prompts file {path} does not exist")
   prompts = []
+  if path.endswith((".jsonl", ".jsonl.gz")):
+    for where, record in jsonl.read(path):
+      keys = [k for k in ("prompt", "question", "problem") if k in record]
+      if not keys:
+        raise ValueError(f"{where}: no 'prompt', 'question' or 'problem' field")
+      prompts.append(str(record[keys[0]]))
+    return prompts
   with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      if path.endswith(".jsonl"):
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
-        keys = [k for k in ("prompt", "question", "problem") if k in record]
-        if not isinstance(record, dict) or not keys:
-          raise ValueError(f"{path}, line {lineno}: no 'prompt', 'question' or 'problem' field")
-        prompts.append(str(record[keys[0]]))
-      else:
+    for line in f:
+      if line.strip():
         prompts.append(line.rstrip("\n").replace("\\n", "\n"))
   return prompts
+
+
+def _parse_ids(spec: str) -> list[int]:
+  try:
+    return [int(x) for x in spec.replace(",", " ").split()]
+  except ValueError:
+    raise ValueError(f"--prompt_ids {spec!r}: expected integers separated by commas") from None
+
+
+def _flag_settings(f) -> model_lib.ModelSettings | None:
+  """The compute flags as model settings over the checkpoint's shape (None: as stored)."""
+  given = {k: f[k].value for k in ("dtype", "param_dtype", "remat") if f[k].value}
+  if not given:
+    return None
+  return model_lib.ModelSettings(shape=(), **{"remat": "none", **given})
 
 
 def main(argv) -> None:
   del argv
   from absl import flags
 
+  cli.quiet_libraries()
   f = flags.FLAGS
+  settings = dict(
+    gen_length=f.gen_length,
+    steps=f.steps,
+    block_length=f.block_length,
+    temperature=f.temperature,
+    remasking=f.remasking,
+    cfg_scale=f.cfg_scale,
+    seed=f.seed,
+    batch_size=f.batch_size,
+  )
   try:
     prompts = list(f.prompt or []) + (read_prompts(f.prompts_file) if f.prompts_file else [])
-    if not prompts:
-      raise ValueError("give --prompt (repeatable) or --prompts_file")
-    generator = Generator.load(
-      f.checkpoint, f.tokenizer, f.dtype, {"data": -1, "fsdp": 1, "tensor": f.tensor}
-    )
-    completions = generator.generate(
-      [p.replace("\\n", "\n") for p in prompts],
-      gen_length=f.gen_length,
-      steps=f.steps,
-      block_length=f.block_length,
-      temperature=f.temperature,
-      remasking=f.remasking,
-      cfg_scale=f.cfg_scale,
-      seed=f.seed,
-      batch_size=f.batch_size,
-      chat={"auto": None, "true": True, "false": False}[f.chat],
-    )
+    ids = [_parse_ids(p) for p in f.prompt_ids or []]
+    if not prompts and not ids:
+      raise ValueError("give --prompt (repeatable), --prompts_file or --prompt_ids")
+    layout = sharding.Layout(mesh=(("data", -1), ("fsdp", f.fsdp), ("tensor", f.tensor)))
+    generator = Generator.load(f.checkpoint, f.tokenizer, settings=_flag_settings(f), layout=layout)
+    if prompts:
+      chat = {"auto": None, "true": True, "false": False}[f.chat]
+      texts = [p.replace("\\n", "\n") for p in prompts]
+      completions = generator.generate(texts, chat=chat, **settings)
+    if ids:
+      tokens, _ = generator.generate_ids(ids, **settings)
   except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  for i, c in enumerate(completions):
+  for i, c in enumerate(completions if prompts else []):
     print(f"=== {i}: {c.prompt.strip()}\n{c.text}")
+  for i, row in enumerate(tokens if ids else []):
+    print(
+      f"=== ids {i}: {' '.join(map(str, ids[i]))}\n{' '.join(map(str, generator.until_end(row)))}"
+    )
 
 
 def _define_flags() -> None:
@@ -282,7 +343,13 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call (rounded up to the devices).")
   flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Apply the chat template.")
+  flags.DEFINE_multi_string(
+    "prompt_ids", None, "A prompt as token ids, e.g. '12,7,93' (repeatable; needs no tokenizer)."
+  )
   flags.DEFINE_string("dtype", None, "Compute dtype (default: the checkpoint's).")
+  flags.DEFINE_string("param_dtype", None, "Parameter dtype (default: the checkpoint's).")
+  flags.DEFINE_string("remat", None, "Remat policy (default: none).")
+  flags.DEFINE_integer("fsdp", 1, "FSDP degree (parameters split over it).")
   flags.DEFINE_integer("tensor", 1, "Tensor-parallel degree (the rest of the devices: data).")
   flags.mark_flag_as_required("checkpoint")
 

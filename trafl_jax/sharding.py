@@ -7,6 +7,7 @@ axes `data`, `fsdp`, `tensor`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -18,6 +19,32 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Logical axis -> mesh axes: batch over data x fsdp, weights' `embed` over fsdp, the rest over tensor.
+# (configs/common.py writes the same table as the configs' `rules` section; a test keeps them equal.)
+DEFAULT_RULES: Rules = (
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a stage is laid out: the mesh's axis sizes (one may be -1 = the rest of the devices) and the
+  logical-axis rules."""
+
+  mesh: tuple[tuple[str, int], ...] = (("data", -1),)
+  rules: Rules = DEFAULT_RULES
+
+  def make_mesh(self, devices: Sequence[jax.Device] | None = None):
+    return make_mesh(dict(self.mesh), devices)
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:

@@ -91,6 +91,23 @@ def init_params(model: nn.Module, rng: jax.Array, seq_len: int):
   return model.init(rng, tokens, jnp.ones((1, seq_len), jnp.bool_))["params"]
 
 
+def abstract_params(model: nn.Module):
+  """The model's parameter shapes, boxed with their logical axes, nothing allocated: the one way every
+  module builds them (`nn.get_partition_spec` reads the axes, `nn.unbox` drops them)."""
+  return jax.eval_shape(functools.partial(init_params, model, jax.random.PRNGKey(0), 8))
+
+
+def param_target(model: nn.Module, mesh, rules):
+  """`(abstract_params, shardings)`: unboxed `ShapeDtypeStruct`s carrying their shardings on `mesh`
+  (what a checkpoint is restored into)."""
+  boxed = abstract_params(model)
+  shardings = sharding_lib.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+  return target, shardings
+
+
 def create_state(model: nn.Module, tx, rng: jax.Array, seq_len: int) -> TrainState:
   init_rng, run_rng = jax.random.split(rng)
   params = init_params(model, init_rng, seq_len)

@@ -1,8 +1,6 @@
-"""The training loop: config -> mesh, data, model, state -> jitted steps with checkpoints and metrics.
-
-Today the loop runs masked-diffusion training (how reference models are made). The config stops here:
-everything below this module receives plain arguments and frozen dataclasses.
-"""
+"""Masked-diffusion training (how reference models are made): data, model, state -> the jitted step,
+run by the loop scaffold (loop.py) with checkpoints and metrics. Takes `TrainConfig` (config_lib.py makes
+it from a run's config)."""
 
 from __future__ import annotations
 
@@ -15,30 +13,47 @@ import time
 from collections.abc import Mapping
 
 import jax
-import ml_collections
 import optax
 from absl import logging
 from flax import linen as nn
 
 from trafl_jax import checkpoint as ckpt_lib
 from trafl_jax import data as data_lib
-from trafl_jax import diffusion, metrics, sharding
+from trafl_jax import diffusion, loop, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax.tasks import countdown
 
 
-def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  values = {k: v for k, v in config.model.items() if k != "preset"}
-  unknown = set(values) - fields
-  if unknown:
-    raise ValueError(f"config.model has keys the model does not know: {sorted(unknown)}")
-  return model_lib.ModelConfig(**values)
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str  # "countdown" (generated, no download) or "jsonl"
+  train_path: str
+  prompt_key: str
+  answer_key: str
+  num_generated: int
+  countdown_numbers: int
+  countdown_max_number: int
+  prompt_len: int
+  answer_len: int
+  batch_size: int  # global, over all processes
+  shuffle: bool
 
 
-def optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
-  return state_lib.OptimConfig(total_steps=config.train.num_steps, **config.optim.to_dict())
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int
+  data: DataConfig
+  optim: state_lib.OptimConfig
+  tokenizer_kind: str
+  tokenizer_path: str
+  num_steps: int
+  t_min: float
+  log_every: int
+  ckpt_every: int
+  keep_checkpoints: int
+  init_checkpoint: str
+  progress: bool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,16 +70,15 @@ def _write_jsonl_atomic(path: str, records) -> None:
   os.replace(f.name, path)
 
 
-def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def training_records(dc: DataConfig, seed: int, workdir: str) -> list[dict]:
   """Prompt/answer pairs: generated Countdown (cached in the workdir) or a JSONL file."""
-  dc = config.data
   if dc.source == "countdown":
-    path = os.path.join(workdir, "data", f"countdown_train_{dc.num_generated}_{config.seed}.jsonl")
+    path = os.path.join(workdir, "data", f"countdown_train_{dc.num_generated}_{seed}.jsonl")
     if not os.path.exists(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       problems = countdown.generate(
         dc.num_generated,
-        seed=config.seed,
+        seed=seed,
         num_numbers=dc.countdown_numbers,
         max_number=dc.countdown_max_number,
         split="train",
@@ -78,15 +92,14 @@ def training_records(config: ml_collections.ConfigDict, workdir: str) -> list[di
   raise ValueError(f"config.data.source {dc.source!r} is not 'countdown' or 'jsonl'")
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, records: list[dict]):
+def build_tokenizer(cfg: TrainConfig, mc, workdir: str, records: list[dict]):
   """The run's tokenizer. A SentencePiece model trained on first use is trained by process 0 alone;
   the other processes wait for it and read the same file."""
   texts = [r["prompt"] + r["answer"] for r in records]
-  mc = config.model
   build = functools.partial(
     data_lib.get_tokenizer,
-    config.tokenizer.kind,
-    config.tokenizer.path or None,
+    cfg.tokenizer_kind,
+    cfg.tokenizer_path or None,
     workdir,
     texts,
     mc.vocab_size,
@@ -159,125 +172,90 @@ def compile_train_step(model, schedule, t_min, state, state_shardings, batch_sha
 # The run
 
 
-def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
+def _check_batch(batch_size: int, mesh) -> None:
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  gb = config.data.batch_size
-  if gb % jax.process_count():
-    raise ValueError(f"data.batch_size {gb} does not divide over {jax.process_count()} processes")
-  if gb % batch_devices:
+  if batch_size % jax.process_count():
     raise ValueError(
-      f"data.batch_size {gb} does not divide over the mesh's data x fsdp = {batch_devices} devices"
+      f"data.batch_size {batch_size} does not divide over {jax.process_count()} processes"
     )
-  for key in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
-    if config.train[key] <= 0:
-      raise ValueError(f"train.{key} must be positive, got {config.train[key]}")
+  if batch_size % batch_devices:
+    raise ValueError(
+      f"data.batch_size {batch_size} does not divide over the mesh's data x fsdp = "
+      f"{batch_devices} devices"
+    )
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
-  """Trains until `config.train.num_steps` (or `max_steps` more steps this call, then checkpoints).
-
-  Returns the host metrics of the last step.
-  """
+def run(
+  cfg: TrainConfig,
+  model_cfg: model_lib.ModelConfig,
+  layout: sharding.Layout,
+  workdir: str,
+  run_config: dict,
+  max_steps: int | None = None,
+) -> dict:
+  """Trains until `cfg.num_steps` (or `max_steps` more steps this call, then checkpoints).
+  `run_config` is what the checkpoints and `config.json` record. Returns the last step's host metrics."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.rules_from_config(config.rules.to_dict())
-  _check_config(config, mesh)
+  loop_cfg = loop.LoopConfig(
+    num_steps=cfg.num_steps,
+    ckpt_every=cfg.ckpt_every,
+    log_every=cfg.log_every,
+    keep_checkpoints=cfg.keep_checkpoints,
+    progress=cfg.progress,
+    shown=(("loss", "train/loss"),),
+  )
+  mesh, rules = layout.make_mesh(), layout.rules
+  _check_batch(cfg.data.batch_size, mesh)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.devices.size)
+  loop.write_config(workdir, run_config)
 
-  mcfg = model_config(config)
-  model = model_lib.Transformer(mcfg)
-  records = training_records(config, workdir)
-  tokenizer = build_tokenizer(config, workdir, records)
-  arrays = data_lib.encode_sft(records, tokenizer, config.data.prompt_len, config.data.answer_len)
-  local_batch = config.data.batch_size // jax.process_count()
+  model = model_lib.Transformer(model_cfg)
+  records = training_records(cfg.data, cfg.seed, workdir)
+  tokenizer = build_tokenizer(cfg, model_cfg, workdir, records)
+  arrays = data_lib.encode_sft(records, tokenizer, cfg.data.prompt_len, cfg.data.answer_len)
   iterator = data_lib.make_train_iterator(
     arrays,
-    local_batch,
-    seed=config.seed,
+    cfg.data.batch_size // jax.process_count(),
+    seed=cfg.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    shuffle=config.data.shuffle,
+    shuffle=cfg.data.shuffle,
   )
 
-  ocfg = optim_config(config)
-  tx = state_lib.make_optimizer(ocfg)
-  schedule = state_lib.learning_rate_schedule(ocfg)
-  seq_len = config.data.prompt_len + config.data.answer_len
-  rng = jax.random.PRNGKey(config.seed)
-  state, state_shardings = state_lib.create_sharded_state(model, tx, rng, seq_len, mesh, rules)
-  logging.info("model %s: %.2fM parameters", config.model.preset, mcfg.num_params() / 1e6)
+  tx = state_lib.make_optimizer(cfg.optim)
+  schedule = state_lib.learning_rate_schedule(cfg.optim)
+  seq_len = cfg.data.prompt_len + cfg.data.answer_len
+  state, state_shardings = state_lib.create_sharded_state(
+    model, tx, jax.random.PRNGKey(cfg.seed), seq_len, mesh, rules
+  )
+  logging.info("model: %.2fM parameters", model_cfg.num_params() / 1e6)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s/%d", checkpointer.directory, latest)
-    state, iterator = checkpointer.restore(latest, _abstract(state), iterator, config.to_dict())
-  elif config.train.init_checkpoint:
-    logging.info("initializing parameters from %s", config.train.init_checkpoint)
-    params = ckpt_lib.restore_params(config.train.init_checkpoint, _abstract(state.params))
+  scaffold = loop.Loop(workdir, loop_cfg, run_config)
+  resumed = scaffold.checkpointer.latest_step() is not None
+  state, iterator = scaffold.restore(state, iterator)
+  if not resumed and cfg.init_checkpoint:
+    logging.info("initializing parameters from %s", cfg.init_checkpoint)
+    params = ckpt_lib.restore_params(cfg.init_checkpoint, loop._abstract(state.params))
     state = state.replace(params=params)
-  start_step = int(jax.device_get(state.step))
 
-  batch_shapes = {k: ((config.data.batch_size,) + v.shape[1:], v.dtype) for k, v in arrays.items()}
+  batch_shapes = {k: ((cfg.data.batch_size,) + v.shape[1:], v.dtype) for k, v in arrays.items()}
   compiled = compile_train_step(
-    model, schedule, config.train.t_min, state, state_shardings, batch_shapes, mesh, rules
+    model, schedule, cfg.t_min, state, state_shardings, batch_shapes, mesh, rules
   )
-
-  num_steps = config.train.num_steps
-  end_step = num_steps if max_steps is None else min(num_steps, start_step + max_steps)
-  tokens_per_step = config.data.batch_size * seq_len
-  writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start_step or None)
-  progress = metrics.Progress(
-    num_steps, initial_step=start_step, enabled=is_main and config.train.progress
-  )
-  last: dict[str, float] = {}
-  pending = None
+  tokens_per_step = cfg.data.batch_size * seq_len
   tick = time.perf_counter()
 
-  def flush(pending):
-    # Read one step late so the host never waits on the step it just dispatched.
+  def step_fn(state, step):
+    del step
+    return compiled(state, sharding.global_batch(next(iterator), mesh, rules))
+
+  def read(step, device_metrics):
     nonlocal tick
-    step, device_metrics = pending
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    metrics.check_finite(step, host)
     now = time.perf_counter()
     host["perf/tokens_per_s"] = tokens_per_step / max(now - tick, 1e-9)
     tick = now
-    writer.write_scalars(step, host)
-    progress.update(step, {"loss": host["train/loss"]})
-    if step % config.train.log_every == 0 or step == num_steps:
-      logging.info("step %d: loss %.4f", step, host["train/loss"])
     return host
 
-  step = start_step
-  try:
-    with ckpt_lib.PreemptionHandler() as preemption:
-      while step < end_step:
-        batch = sharding.global_batch(next(iterator), mesh, rules)
-        state, step_metrics = compiled(state, batch)
-        if pending is not None:
-          last = flush(pending)
-        step += 1
-        pending = (step, step_metrics)
-        stop = preemption.requested()
-        if step % config.train.ckpt_every == 0 or step == end_step or stop:
-          last = flush(pending)
-          pending = None
-          checkpointer.save(step, state, iterator, config.to_dict())
-        if stop:
-          logging.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
-          break
-      if pending is not None:
-        last = flush(pending)
-  finally:
-    checkpointer.wait()
-    checkpointer.close()
-    progress.close()
-    writer.close()
+  _, last = scaffold.run(state, step_fn, read, max_steps, iterator)
   return last

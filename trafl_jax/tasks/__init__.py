@@ -12,32 +12,15 @@ raise because of a completion: an unparsable, hanging or crashing one scores 0.
 Dimension legend: none (pure Python, no arrays).
 """
 
-import dataclasses
-import gzip
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
-TASKS = ("countdown", "gsm8k", "math", "humaneval", "mbpp")
+from trafl_jax.tasks import base, code, countdown, math
 
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """One prompt of a task and what its reward needs.
-
-  `reference` is, per task: countdown `{"numbers": [...], "target": int}`; gsm8k and math the
-  gold answer string; humaneval and mbpp `{"tests": str, "entry_point": str, ...}`.
-  """
-
-  task: str  # One of TASKS.
-  id: str  # Stable across runs, e.g. "gsm8k/test/17", "HumanEval/0", "countdown/seed0/5".
-  prompt: str  # The question put into the task's prompt template (no chat template).
-  reference: Any
-
-
-# The family modules build `Problem`s through this package, so they are imported after it exists.
-from trafl_jax.tasks import code, countdown, math  # noqa: E402
+# The shared types live in tasks/base.py (the family modules import it, not this package); callers
+# name them through the package.
+TASKS = base.TASKS
+Problem = base.Problem
 
 
 def _check_task(task: str) -> None:
@@ -154,53 +137,12 @@ def rewards(
   return scores
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading task files (shared by the family modules).
+def rewards_split(problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
+  """`rewards` with the scoring split over the processes of a multi-process run (each scores a share;
+  all get every value, in order)."""
+  from trafl_jax import distributed
 
-
-def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[tuple[str, dict]]:
-  """`(where, row)` for each JSON object in a .jsonl or .jsonl.gz file, `where` = "path, line N".
-
-  Every row must have `fields` with the given types; errors name the file and 1-based line.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Task file not found: {path}")
-  opener = gzip.open if path.endswith(".gz") else open
-  rows = []
-  with opener(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{path}, line {lineno}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 ({e.reason})") from None
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-      for key, kind in fields.items():
-        if key not in row:
-          raise ValueError(f"{where}: missing field {key!r} (has {sorted(row)})")
-        if not isinstance(row[key], kind):
-          raise ValueError(f"{where}: field {key!r} has type {type(row[key]).__name__}")
-      rows.append((where, row))
-  if not rows:
-    raise ValueError(f"{path}: no records (empty file or only blank lines)")
-  return rows
-
-
-def hf_rows(name: str, split: str, config: str | None = None) -> list[tuple[str, dict]]:
-  """`(where, row)` for a Hugging Face dataset split; needs `datasets` and network access."""
-  try:
-    import datasets
-  except ImportError:
-    raise ImportError(
-      f"Loading {name} without a path needs the `datasets` package: `pip install datasets`, "
-      "or pass path= to a local JSONL file"
-    ) from None
-  dataset = datasets.load_dataset(name, config, split=split)
-  return [(f"{name}[{split}][{i}]", dict(row)) for i, row in enumerate(dataset)]
+  pairs = list(zip(problems, completions))
+  return distributed.map_split(
+    lambda part: rewards([p for p, _ in part], [c for _, c in part]), pairs
+  )

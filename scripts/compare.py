@@ -10,7 +10,6 @@ seeds per objective). Each run resumes if interrupted; finished runs are skipped
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -20,7 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import math as math_config  # noqa: E402
-from trafl_jax import cli, evaluate, pipeline, posttrain  # noqa: E402
+from trafl_jax import cli, pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where everything goes.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Post-training seeds.")
@@ -82,11 +81,12 @@ def main(argv):
   for seed in map(int, _SEEDS.value):
     for objective in _OBJECTIVES.value:
       run_dir = os.path.join(workdir, f"seed{seed}", objective)
-      posttrain.run(_config(seed, objective), run_dir, reference)
+      pipeline.posttrain_stage(_config(seed, objective), run_dir, reference)
       checkpoints.append(run_dir)
       labels.append(f"{objective}/s{seed}")
-  eval_cfg = dataclasses.replace(evaluate.eval_config(base), seed=0)
-  summary = evaluate.run(eval_cfg, checkpoints, os.path.join(workdir, "eval"), labels)
+  with base.unlocked():
+    base.eval.seed = 0
+  summary = pipeline.evaluate_stage(base, checkpoints, os.path.join(workdir, "eval"), labels)
   table = summary_table(summary["results"], _OBJECTIVES.value)
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write(table)

@@ -194,7 +194,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   import jax.numpy as jnp
   from flax import linen as nn
 
-  from trafl_jax import config_lib, posttrain, rl, sharding
+  from trafl_jax import config_lib, objectives, posttrain, rl, sharding
   from trafl_jax import model as model_lib
   from trafl_jax import state as state_lib
 
@@ -213,7 +213,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   )
   t = prompt_len + pcfg.scfg.gen_length
   rollout_sh = rl.rollout_shardings(mesh, rules)
-  abstract_rollout = rl.Rollout(
+  abstract_rollout = objectives.Rollout(
     *(
       jax.ShapeDtypeStruct((rows, t), dtype, sharding=rollout_sh.tokens_NxT)
       for dtype in (jnp.int32, jnp.bool_, jnp.bool_, jnp.bool_)

@@ -61,7 +61,7 @@ def _train(objective: str, steps: int, **kw):
     tokens = np.concatenate([np.repeat(PROMPT, G, 0), answers[:, None]], 1).astype(np.int32)
     completion = np.zeros_like(tokens, bool)
     completion[:, -1] = True
-    batch = rl.Rollout(
+    batch = objectives.Rollout(
       tokens_NxT=tokens,
       valid_NxT=np.ones_like(tokens, bool),
       prompt_NxT=~completion,

@@ -29,7 +29,7 @@ CASES = {
 }
 
 
-def _batch(prompts: int, group: int, seed: int = 0) -> rl.Rollout:
+def _batch(prompts: int, group: int, seed: int = 0) -> objectives.Rollout:
   rng = np.random.default_rng(seed)
   n = prompts * group
   prompt = np.repeat(rng.integers(5, 32, (prompts, PROMPT)), group, 0)
@@ -40,7 +40,7 @@ def _batch(prompts: int, group: int, seed: int = 0) -> rl.Rollout:
   valid[::2, 0] = False  # some left padding
   is_completion = np.zeros_like(valid)
   is_completion[:, PROMPT:] = True
-  return rl.Rollout(
+  return objectives.Rollout(
     tokens_NxT=np.concatenate([prompt, completion], 1).astype(np.int32),
     valid_NxT=valid,
     prompt_NxT=valid & ~is_completion,
@@ -59,7 +59,7 @@ def _state():
   return state, jax.tree.map(lambda x: 0.9 * x, params)
 
 
-def _run(case: str, micro_batches: int, batch: rl.Rollout, group: int, inner: int = 2):
+def _run(case: str, micro_batches: int, batch: objectives.Rollout, group: int, inner: int = 2):
   ocfg = objectives.ObjectiveConfig(beta=2.0, micro_batches=micro_batches, **CASES[case])
   prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=inner))
   update = jax.jit(functools.partial(rl.update, model=MODEL, ocfg=ocfg, group_size=group))

@@ -176,10 +176,10 @@ def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int)
   (one for diffu_grpo), each update runs forward + backward (3x) on them, and TraFL's learned log Z adds
   one forward per prompt."""
   n = prompts * group
-  copies = rl.estimator_of(ocfg).forward_passes(ocfg)
+  copies = objectives.estimator_of(ocfg).forward_passes(ocfg)
   fwd = model_lib.forward_flops(cfg, n, seq_len)
   flops = inner * 2 * copies * fwd + inner * 3 * copies * fwd
-  if rl.learned_log_z(ocfg):
+  if objectives.learned_log_z(ocfg):
     flops += inner * model_lib.forward_flops(cfg, prompts, seq_len)
   return float(flops)
 

@@ -1,21 +1,31 @@
-"""TraFL and the reward-maximizing baselines, as loss functions of log-likelihoods and rewards.
+"""TraFL and the reward-maximizing baselines: their losses, the estimators they score sequences with,
+and the typed data the post-training steps (rl.py) hand each other.
 
 DESIGN section 2. Every objective shares the sampler, the surrogate `l(y|x)`, rewards and data; what differs
-is the loss below and a few config fields.
+is two registry entries: the objective's loss (`OBJECTIVES`: a function of the policy's `Terms` and the
+rows' fixed data, over the loss functions below) and the estimator it scores sequences with (`ESTIMATORS`:
+how inputs are masked and what likelihood comes out). A new objective or estimator is one function and one
+entry. The data are `struct.PyTreeNode`s with their shapes in their field names: a `Rollout` (the G
+samples of a prompt are consecutive rows), `Prepared` (rl.prepare's output, stacked over the inner
+updates), `Rows` (one inner update's view of both) and `Terms` (the policy's likelihoods).
 
 Dimension legend:
-  B: prompts    G: samples per prompt    T: tokens    D: d_model
+  B: prompts    G: samples per prompt    N: B*G rows    T: tokens    D: d_model
+  I: inner updates    K: masks per sequence
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
-OBJECTIVES = ("trafl", "diffu_grpo", "elbo_grpo", "wd1")
+from trafl_jax import diffusion
+
 LOG_Z_KINDS = ("mlp", "batch_mean")
 
 
@@ -38,7 +48,7 @@ class ObjectiveConfig:
 
   def __post_init__(self):
     if self.objective not in OBJECTIVES:
-      raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+      raise ValueError(f"objective {self.objective!r} is not one of {tuple(OBJECTIVES)}")
     if self.log_z not in LOG_Z_KINDS:
       raise ValueError(f"log_z {self.log_z!r} is not one of {LOG_Z_KINDS}")
     if self.beta <= 0:
@@ -138,3 +148,228 @@ def wd1_loss(l_theta_BxG, advantage_BxG):
   w_pos = jax.lax.stop_gradient(jax.nn.softmax(advantage_BxG, axis=1))
   w_neg = jax.lax.stop_gradient(jax.nn.softmax(-advantage_BxG, axis=1))
   return jnp.mean(jnp.sum((w_neg - w_pos) * l_theta_BxG, axis=1)), {}
+
+
+# ----------------------------------------------------------------------------------------------
+# What the jitted steps hand each other (rl.py), and the two registries
+
+
+class Rollout(struct.PyTreeNode):
+  """A rollout batch: left-padded prompts followed by the sampled completions."""
+
+  tokens_NxT: jax.Array  # int32
+  valid_NxT: jax.Array  # False on prompt padding
+  prompt_NxT: jax.Array
+  completion_NxT: jax.Array
+  rewards_N: jax.Array  # float32
+
+
+class Prepared(struct.PyTreeNode):
+  """`prepare`'s output: every inner update's masks and inputs, and the old policy's and the
+  reference's likelihoods under them (a `token` estimator's per-token log-probabilities; zeros for the
+  `sequence` estimator, which has none)."""
+
+  masks_IxKxNxT: jax.Array
+  inputs_IxNxT: jax.Array
+  l_old_IxN: jax.Array
+  l_ref_IxN: jax.Array
+  logp_old_IxNxT: jax.Array
+  logp_ref_IxNxT: jax.Array
+  scored_NxT: jax.Array  # the completion up to its first EOS: what the likelihoods score
+
+
+class Rows(struct.PyTreeNode):
+  """One inner update's data: the rollout and that update's slice of `Prepared`."""
+
+  tokens_NxT: jax.Array
+  valid_NxT: jax.Array
+  prompt_NxT: jax.Array
+  completion_NxT: jax.Array
+  rewards_N: jax.Array
+  masks_KxNxT: jax.Array
+  inputs_NxT: jax.Array
+  l_old_N: jax.Array
+  l_ref_N: jax.Array
+  logp_old_NxT: jax.Array
+  logp_ref_NxT: jax.Array
+  scored_NxT: jax.Array
+
+  @classmethod
+  def of(cls, rollout: Rollout, prepared: Prepared, i) -> Rows:
+    return cls(
+      tokens_NxT=rollout.tokens_NxT,
+      valid_NxT=rollout.valid_NxT,
+      prompt_NxT=rollout.prompt_NxT,
+      completion_NxT=rollout.completion_NxT,
+      rewards_N=rollout.rewards_N,
+      masks_KxNxT=prepared.masks_IxKxNxT[i],
+      inputs_NxT=prepared.inputs_IxNxT[i],
+      l_old_N=prepared.l_old_IxN[i],
+      l_ref_N=prepared.l_ref_IxN[i],
+      logp_old_NxT=prepared.logp_old_IxNxT[i],
+      logp_ref_NxT=prepared.logp_ref_IxNxT[i],
+      scored_NxT=prepared.scored_NxT,
+    )
+
+
+class Terms(struct.PyTreeNode):
+  """What the loss reads of the policy: `l_theta` per row, per-token log-probabilities (a `token`
+  estimator's), and the learned log Z per prompt (empty when the objective has none)."""
+
+  l_theta_N: jax.Array
+  logp_NxT: jax.Array
+  log_z_B: jax.Array
+
+
+def _row_axis(name: str) -> int:
+  """Where a field's N axis is: the axis of the 'N' in its shape suffix (masks_KxNxT: 1)."""
+  return name.rsplit("_", 1)[1].split("x").index("N")
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimators: how a sequence is scored. `draw` gives one inner update's (masks_KxNxT, inputs_NxT);
+# `score` the likelihoods `(l_N, logp_NxT)` of `params` on them.
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  draw: Callable
+  score: Callable
+  forward_passes: Callable[[ObjectiveConfig], int]  # model passes per row per scoring
+
+
+def _draw_masked_copies(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
+  """The sequence-level surrogate's K masks of the scored positions (ocfg.estimator's scheme)."""
+  del mask_id
+  masks = diffusion.surrogate_masks(
+    key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
+  )
+  return masks, rollout.tokens_NxT
+
+
+def _apply_fn(model):
+  return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
+
+
+def _score_masked_copies(model, params, rows: Rows, ocfg):
+  """`l(y|x)`: the surrogate over the K masked copies (TraFL, elbo_grpo, wd1)."""
+  logp_KxNxT = diffusion.masked_token_log_probs(
+    _apply_fn(model),
+    params,
+    rows.tokens_NxT,
+    rows.valid_NxT,
+    rows.masks_KxNxT,
+    model.cfg.mask_token_id,
+  )
+  l_N = diffusion.surrogate_from_log_probs(
+    logp_KxNxT, rows.masks_KxNxT, rows.scored_NxT, ocfg.length_normalize
+  )
+  return l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32)
+
+
+def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
+  """diffu-GRPO's estimator input: every completion token masked, prompt tokens masked at p."""
+  masked_prompt = jax.random.uniform(key, rollout.prompt_NxT.shape) < ocfg.prompt_mask_prob
+  masked = rollout.completion_NxT | (masked_prompt & rollout.prompt_NxT)
+  masks = jnp.zeros((1,) + scored_NxT.shape, bool)
+  return masks, diffusion.apply_mask(rollout.tokens_NxT, masked, mask_id)
+
+
+def _score_one_step(model, params, rows: Rows, ocfg):
+  """Per-token log-probabilities of one pass with the completion masked (diffu-GRPO)."""
+  del ocfg
+  logits = model.apply({"params": params}, rows.inputs_NxT, rows.valid_NxT)
+  logp_NxT = diffusion.token_log_probs(logits, rows.tokens_NxT)
+  return jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
+
+
+ESTIMATORS = {
+  "sequence": Estimator(_draw_masked_copies, _score_masked_copies, lambda ocfg: ocfg.num_masks),
+  "token": Estimator(_draw_one_step, _score_one_step, lambda ocfg: 1),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives: `loss(ocfg, terms, rows, group_size) -> (loss, metrics)` and the estimator they use.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  loss: Callable
+  estimator: str
+
+
+def _grouped(x_N, group_size: int):
+  return x_N.reshape(x_N.shape[0] // group_size, group_size)
+
+
+def _advantages_N(rows: Rows, group_size: int):
+  return group_advantages(_grouped(rows.rewards_N, group_size)).reshape(-1)
+
+
+def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
+  l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
+  rewards_BxG = _grouped(rows.rewards_N, group_size)
+  if ocfg.log_z == "mlp":
+    log_z_B = terms.log_z_B
+  else:
+    log_z_B = batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+  weights = None
+  if ocfg.importance_weights:
+    weights = importance_weights(l_theta, _grouped(rows.l_old_N, group_size), ocfg.importance_clip)
+  return trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+
+
+def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
+  return diffu_grpo_loss(
+    terms.logp_NxT,
+    rows.logp_old_NxT,
+    rows.logp_ref_NxT,
+    rows.scored_NxT,
+    _advantages_N(rows, group_size),
+    ocfg.clip_eps,
+    ocfg.kl_coef,
+  )
+
+
+def _elbo_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
+  return elbo_grpo_loss(
+    terms.l_theta_N,
+    rows.l_old_N,
+    rows.l_ref_N,
+    rows.scored_NxT.sum(-1).astype(jnp.float32),
+    _advantages_N(rows, group_size),
+    ocfg.clip_eps,
+    ocfg.kl_coef,
+  )
+
+
+def _wd1(ocfg, terms: Terms, rows: Rows, group_size: int):
+  del ocfg
+  advantages_BxG = group_advantages(_grouped(rows.rewards_N, group_size))
+  return wd1_loss(_grouped(terms.l_theta_N, group_size), advantages_BxG)
+
+
+OBJECTIVES = {
+  "trafl": Objective(_trafl, "sequence"),
+  "diffu_grpo": Objective(_diffu_grpo, "token"),
+  "elbo_grpo": Objective(_elbo_grpo, "sequence"),
+  "wd1": Objective(_wd1, "sequence"),
+}
+
+
+def estimator_of(ocfg: ObjectiveConfig) -> Estimator:
+  return ESTIMATORS[OBJECTIVES[ocfg.objective].estimator]
+
+
+def learned_log_z(ocfg: ObjectiveConfig) -> bool:
+  """TraFL with the learned head (`log_z = "mlp"`) trains `log Z_phi(x)`; the rest have none."""
+  return ocfg.objective == "trafl" and ocfg.log_z == "mlp"
+
+
+def objective_loss(ocfg, terms: Terms, rows: Rows, group_size: int):
+  """`(loss, metrics)` of whole prompt groups. Every objective's loss is a mean over prompts or rows,
+  so on equal micro-batches the batch's loss is the mean of theirs."""
+  loss, extra = OBJECTIVES[ocfg.objective].loss(ocfg, terms, rows, group_size)
+  extra["rl/kl_estimate"] = jnp.mean(terms.l_theta_N - rows.l_ref_N)
+  return loss, extra

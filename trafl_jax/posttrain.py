@@ -108,12 +108,12 @@ def prompt_indices(num_problems: int, step: int, per_step: int, seed: int) -> np
   return np.asarray(out)
 
 
-def assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N) -> rl.Rollout:
+def assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N) -> objectives.Rollout:
   """The host rollout batch of (prompts, completions, rewards): the completion follows its left-padded
   prompt, every completion position valid."""
   completion_NxL = np.asarray(completion_NxL)
   ones_NxL, zeros_NxL = np.ones(completion_NxL.shape, bool), np.zeros(completion_NxL.shape, bool)
-  return rl.Rollout(
+  return objectives.Rollout(
     tokens_NxT=np.concatenate([prompt_NxP, completion_NxL], 1).astype(np.int32),
     valid_NxT=np.concatenate([valid_NxP, ones_NxL], 1),
     prompt_NxT=np.concatenate([valid_NxP, zeros_NxL], 1),
@@ -223,6 +223,138 @@ def _copy_tokenizer(tokenizer_file: str, workdir: str) -> None:
     shutil.copy(tokenizer_file, os.path.join(workdir, "tokenizer", "spm.model"))
 
 
+class Prompts(NamedTuple):
+  """A split's problems and their token ids (as the reference's chat template, if any, wraps them)."""
+
+  problems: list
+  ids: list[list[int]]
+  width: int  # the longest prompt, rounded up to 8: one prompt shape for the whole run
+
+  @classmethod
+  def encode(cls, ref: sample.Generator, problems: list) -> Prompts:
+    ids = [ref.encode(tasks_lib.format_prompt(p)) for p in problems]
+    return cls(problems, ids, -(-max((len(e) for e in ids), default=1) // 8) * 8)
+
+
+class Rollouts(NamedTuple):
+  """One step's rollouts: the global prompt and rollout arrays, and this process's own rows."""
+
+  prompts: tuple  # (prompt_NxP, valid_NxP) global arrays
+  rollout: objectives.Rollout  # global arrays
+  owners: list  # this process's problems, one per row
+  texts: list[str]
+  rewards_N: np.ndarray
+  sample_s: float
+  score_s: float
+
+
+def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings):
+  """`(state, ref_params)`: the policy starts as a float32 copy of the reference, which may be held in
+  bfloat16. The casts run under jit so both are fresh buffers (the policy's are donated)."""
+
+  def cast(dtype):
+    return jax.jit(
+      lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
+    )(ref.params)
+
+  params, ref_params = cast(jnp.float32), cast(jnp.dtype(pcfg.reference_dtype))
+  create = functools.partial(
+    rl.create_state,
+    tx=tx,
+    log_z_lr=pcfg.log_z_lr,
+    d_model=ref.cfg.d_model,
+    seed=pcfg.seed,
+  )
+  return jax.jit(create, out_shardings=shardings, donate_argnums=0)(params), ref_params
+
+
+class PostTraining:
+  """One run's loop body: what stays fixed between steps (the reference, prompts, jitted steps) and
+  `step(state, step) -> (state, host metrics)`: sample -> score -> prepare -> update(s)."""
+
+  def __init__(self, pcfg: PostTrainConfig, ref: sample.Generator, workdir: str, steps: Steps):
+    self.pcfg, self.ref, self.workdir, self.steps = pcfg, ref, workdir, steps
+    self.train = Prompts.encode(ref, pcfg.train_problems.load())
+    self.held_out = Prompts.encode(ref, pcfg.test_problems.load() if pcfg.eval_every else [])
+    self.ref_params = None
+    self.scaffold: loop.Loop | None = None  # its writer takes the samples
+    self._memory_written = False
+
+  def sample_and_score(self, params, step: int) -> Rollouts:
+    """This process's share of the step's prompts (whole groups; its rows are its slice of the global
+    batch), G completions each, decoded and scored here."""
+    pcfg, ref, g = self.pcfg, self.ref, self.pcfg.group_size
+    mesh, rules = ref.mesh, ref.rules
+    t0 = time.perf_counter()
+    local = pcfg.prompts_per_step // jax.process_count()
+    idx = prompt_indices(len(self.train.problems), step, pcfg.prompts_per_step, pcfg.seed)
+    idx = idx[jax.process_index() * local : (jax.process_index() + 1) * local]
+    prompt_BxP, valid_BxP = ref.pad_prompts(
+      [self.train.ids[i] for i in idx], local, self.train.width
+    )
+    prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
+    prompts = global_rows((prompt_NxP, valid_NxP), mesh, rules)
+    key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
+    completion, _ = self.steps.generate(params, *prompts, key)
+    completion_NxL = sharding.local_rows(completion)
+    t1 = time.perf_counter()
+    texts = [ref.decode(c) for c in completion_NxL]
+    owners = [self.train.problems[i] for i in idx for _ in range(g)]
+    rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
+    t2 = time.perf_counter()
+    rollout = global_rows(
+      assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N), mesh, rules
+    )
+    return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1)
+
+  def update(self, state, rollouts: Rollouts, step: int):
+    """`(state, device metrics)` after prepare and the inner updates on one step's rollouts."""
+    steps, rollout = self.steps, rollouts.rollout
+    if step == 0 and objectives.learned_log_z(self.pcfg.ocfg):
+      state = steps.init_log_z_bias(state, rollout.rewards_N)  # the global batch's mean beta * r
+    prepared = steps.prepare(state, self.ref_params, rollout)
+    args = abstract((state, self.ref_params, rollouts.prompts, rollout, prepared))
+    for i in range(self.pcfg.num_inner_updates):
+      state, step_metrics = steps.update(state, rollout, prepared, i)
+    if not self._memory_written:  # after the first calls: the lowering finds them compiled
+      self._memory_written = True
+      _write_memory(self.workdir, step_memory(steps, self.ref.mesh, self.ref.rules, *args))
+    return state.replace(step=state.step + 1), step_metrics
+
+  def step(self, state, step: int):
+    pcfg, g = self.pcfg, self.pcfg.group_size
+    with jax.set_mesh(self.ref.mesh), nn.logical_axis_rules(self.ref.rules):
+      t0 = time.perf_counter()
+      rollouts = self.sample_and_score(state.params, step)
+      t2 = time.perf_counter()
+      state, step_metrics = self.update(state, rollouts, step)
+      host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # replicated
+      t3 = time.perf_counter()
+      host.update(
+        {
+          "time/sample_s": rollouts.sample_s,
+          "time/score_s": rollouts.score_s,
+          "time/update_s": t3 - t2,
+          "perf/tokens_per_s": pcfg.rows * rollouts.rollout.tokens_NxT.shape[1] / (t3 - t0),
+        }
+      )
+      done = step + 1
+      if pcfg.eval_every and (done % pcfg.eval_every == 0 or done == pcfg.num_steps):
+        host["eval/greedy"] = _greedy_accuracy(
+          self.ref, self.steps.greedy, state.params, self.held_out, pcfg.rows
+        )
+    if done % pcfg.sample_every == 0 or done == 1:  # process 0's own samples
+      owners, texts, rewards_N = rollouts.owners, rollouts.texts, rollouts.rewards_N
+      self.scaffold.writer.write_texts(
+        done,
+        {
+          f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} (reward {rewards_N[j]:.0f})"
+          for j in range(0, len(owners), g)
+        },
+      )
+    return state, host
+
+
 def run(
   pcfg: PostTrainConfig,
   settings: model_lib.ModelSettings,
@@ -237,39 +369,17 @@ def run(
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   ref = sample.Generator.load(reference, settings=settings, layout=layout)
-  mesh, rules, model = ref.mesh, ref.rules, ref.model
+  mesh, rules = ref.mesh, ref.rules
   run_config = loop.with_model(run_config, ref.cfg)
   loop.write_config(workdir, run_config)
   if jax.process_index() == 0:
     _copy_tokenizer(ref.tokenizer_file, workdir)
   check_rows(pcfg, mesh)
-  problems = pcfg.train_problems.load()
-  held_out = pcfg.test_problems.load() if pcfg.eval_every else []
-
-  # Prompts tokenized once, as the reference's chat template (if any) wraps them.
-  def encode(ps):
-    return [ref.encode(tasks_lib.format_prompt(p)) for p in ps]
-
-  encoded, held_out_ids = encode(problems), encode(held_out)
-  width = -(-max(len(e) for e in encoded) // 8) * 8
-
   tx = state_lib.make_optimizer(pcfg.optim)
-  _, shardings = rl.state_shardings(model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
-
-  # The policy starts as the reference; the reference may be held in bfloat16.
-  # Casts run under jit so both are fresh buffers: the policy's are donated to the update.
-  def cast(dtype):
-    return jax.jit(
-      lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
-    )(ref.params)
-
-  params, ref_params = cast(jnp.float32), cast(jnp.dtype(pcfg.reference_dtype))
-  create = functools.partial(
-    rl.create_state, tx=tx, log_z_lr=pcfg.log_z_lr, d_model=ref.cfg.d_model, seed=pcfg.seed
-  )
-  state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
-  steps = jit_steps(model, pcfg, mesh, rules, shardings, ref.param_shardings)
-
+  _, shardings = rl.state_shardings(ref.model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
+  steps = jit_steps(ref.model, pcfg, mesh, rules, shardings, ref.param_shardings)
+  body = PostTraining(pcfg, ref, workdir, steps)
+  state, body.ref_params = initial_state(ref, pcfg, tx, shardings)
   scaffold = loop.Loop(
     workdir,
     loop.LoopConfig(
@@ -285,68 +395,8 @@ def run(
     run_config,
   )
   state, _ = scaffold.restore(state)
-  g, process = pcfg.group_size, jax.process_index()
-  local_prompts = pcfg.prompts_per_step // jax.process_count()
-  first_step = [True]
-
-  def step_fn(state, step):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return one_step(state, step)
-
-  def one_step(state, step):
-    t0 = time.perf_counter()
-    # This process's share of the step's prompts; its rows are its slice of the global batch.
-    idx = prompt_indices(len(problems), step, pcfg.prompts_per_step, pcfg.seed)
-    idx = idx[process * local_prompts : (process + 1) * local_prompts]
-    prompt_BxP, valid_BxP = ref.pad_prompts([encoded[i] for i in idx], local_prompts, width)
-    prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
-    prompts = global_rows((prompt_NxP, valid_NxP), mesh, rules)
-    key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
-    completion, _ = steps.generate(state.params, *prompts, key)
-    completion_NxL = sharding.local_rows(completion)
-    t1 = time.perf_counter()
-    texts = [ref.decode(c) for c in completion_NxL]  # each process scores its own samples
-    owners = [problems[i] for i in idx for _ in range(g)]
-    rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
-    t2 = time.perf_counter()
-    rollout = global_rows(
-      assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N), mesh, rules
-    )
-    if step == 0 and rl.learned_log_z(pcfg.ocfg):
-      state = steps.init_log_z_bias(state, rollout.rewards_N)  # the global batch's mean beta * r
-    prepared = steps.prepare(state, ref_params, rollout)
-    args = abstract((state, ref_params, prompts, rollout, prepared))
-    for i in range(pcfg.num_inner_updates):
-      state, step_metrics = steps.update(state, rollout, prepared, i)
-    state = state.replace(step=state.step + 1)
-    host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # replicated
-    t3 = time.perf_counter()
-    host.update(
-      {
-        "time/sample_s": t1 - t0,
-        "time/score_s": t2 - t1,
-        "time/update_s": t3 - t2,
-        "perf/tokens_per_s": pcfg.rows * rollout.tokens_NxT.shape[1] / (t3 - t0),
-      }
-    )
-    if first_step[0]:  # compiled already: what XLA says each step needs, for the memory plan
-      first_step[0] = False
-      _write_memory(workdir, step_memory(steps, mesh, rules, *args))
-    if pcfg.eval_every and ((step + 1) % pcfg.eval_every == 0 or step + 1 == pcfg.num_steps):
-      host["eval/greedy"] = _greedy_accuracy(
-        ref, steps.greedy, state.params, held_out, held_out_ids, pcfg.rows
-      )
-    if (step + 1) % pcfg.sample_every == 0 or step == 0:  # process 0's own samples
-      scaffold.writer.write_texts(
-        step + 1,
-        {
-          f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} (reward {rewards_N[j]:.0f})"
-          for j in range(0, len(owners), g)
-        },
-      )
-    return state, host
-
-  _, last = scaffold.run(state, step_fn, lambda step, host: host, max_steps)
+  body.scaffold = scaffold
+  _, last = scaffold.run(state, body.step, lambda step, host: host, max_steps)
   return last
 
 
@@ -364,15 +414,14 @@ def _write_memory(workdir: str, memory: dict) -> None:
     )
 
 
-def _greedy_accuracy(ref, greedy, params, problems, encoded, rows) -> float:
+def _greedy_accuracy(ref, greedy, params, held_out: Prompts, rows: int) -> float:
   """Greedy reward on held-out prompts with the current policy (a quick signal, not the evaluation)."""
-  if not problems:
+  if not held_out.problems:
     return 0.0
-  width = -(-max(len(e) for e in encoded) // 8) * 8
   texts = []
-  for start in range(0, len(encoded), rows):
-    chunk = encoded[start : start + rows]
-    prompt, valid = ref.pad_prompts(chunk, rows, width)
+  for start in range(0, len(held_out.ids), rows):
+    chunk = held_out.ids[start : start + rows]
+    prompt, valid = ref.pad_prompts(chunk, rows, held_out.width)
     completion = sharding.to_host(greedy(params, prompt, valid, jax.random.PRNGKey(0))[0])
     texts += [ref.decode(c) for c in completion[: len(chunk)]]
-  return float(np.mean(tasks_lib.rewards_split(problems, texts)))
+  return float(np.mean(tasks_lib.rewards_split(held_out.problems, texts)))

@@ -4,14 +4,8 @@ One outer step: sample G completions per prompt (sampler) -> rewards on the host
 for every inner update and computes the old policy's and the reference's likelihoods under them (shared masks,
 no gradients) -> `update` once per inner iteration.
 
-What differs between objectives is two registry entries: the objective's loss (`OBJECTIVES`: a function of
-the policy's `Terms` and the rows' fixed data, over objectives.py's losses) and the estimator it scores
-sequences with (`ESTIMATORS`: how inputs are masked and what likelihood comes out). A new objective or
-estimator is one function and one entry.
-
-What the steps hand each other are `struct.PyTreeNode`s with their shapes in their field names: a
-`Rollout` (the G samples of a prompt are consecutive rows), `Prepared` (`prepare`'s output, stacked over
-the inner updates), `Rows` (one inner update's view of both) and `Terms` (the policy's likelihoods).
+What differs between objectives (their loss and the estimator they score with) is in objectives.py's
+registries; so are the typed contracts the steps hand each other (`Rollout`, `Prepared`, `Rows`, `Terms`).
 
 Dimension legend:
   B: prompts    G: samples per prompt    N: B*G rows    T: prompt + completion tokens
@@ -22,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -104,236 +97,19 @@ def state_shardings(model: model_lib.Transformer, tx, log_z_lr: float, seed: int
   return abstract, shardings
 
 
-class Rollout(struct.PyTreeNode):
-  """A rollout batch: left-padded prompts followed by the sampled completions."""
-
-  tokens_NxT: jax.Array  # int32
-  valid_NxT: jax.Array  # False on prompt padding
-  prompt_NxT: jax.Array
-  completion_NxT: jax.Array
-  rewards_N: jax.Array  # float32
-
-
-class Prepared(struct.PyTreeNode):
-  """`prepare`'s output: every inner update's masks and inputs, and the old policy's and the
-  reference's likelihoods under them (a `token` estimator's per-token log-probabilities; zeros for the
-  `sequence` estimator, which has none)."""
-
-  masks_IxKxNxT: jax.Array
-  inputs_IxNxT: jax.Array
-  l_old_IxN: jax.Array
-  l_ref_IxN: jax.Array
-  logp_old_IxNxT: jax.Array
-  logp_ref_IxNxT: jax.Array
-  scored_NxT: jax.Array  # the completion up to its first EOS: what the likelihoods score
-
-
-class Rows(struct.PyTreeNode):
-  """One inner update's data: the rollout and that update's slice of `Prepared`."""
-
-  tokens_NxT: jax.Array
-  valid_NxT: jax.Array
-  prompt_NxT: jax.Array
-  completion_NxT: jax.Array
-  rewards_N: jax.Array
-  masks_KxNxT: jax.Array
-  inputs_NxT: jax.Array
-  l_old_N: jax.Array
-  l_ref_N: jax.Array
-  logp_old_NxT: jax.Array
-  logp_ref_NxT: jax.Array
-  scored_NxT: jax.Array
-
-  @classmethod
-  def of(cls, rollout: Rollout, prepared: Prepared, i) -> Rows:
-    return cls(
-      tokens_NxT=rollout.tokens_NxT,
-      valid_NxT=rollout.valid_NxT,
-      prompt_NxT=rollout.prompt_NxT,
-      completion_NxT=rollout.completion_NxT,
-      rewards_N=rollout.rewards_N,
-      masks_KxNxT=prepared.masks_IxKxNxT[i],
-      inputs_NxT=prepared.inputs_IxNxT[i],
-      l_old_N=prepared.l_old_IxN[i],
-      l_ref_N=prepared.l_ref_IxN[i],
-      logp_old_NxT=prepared.logp_old_IxNxT[i],
-      logp_ref_NxT=prepared.logp_ref_IxNxT[i],
-      scored_NxT=prepared.scored_NxT,
-    )
-
-
-class Terms(struct.PyTreeNode):
-  """What the loss reads of the policy: `l_theta` per row, per-token log-probabilities (a `token`
-  estimator's), and the learned log Z per prompt (empty when the objective has none)."""
-
-  l_theta_N: jax.Array
-  logp_NxT: jax.Array
-  log_z_B: jax.Array
-
-
-def _row_axis(name: str) -> int:
-  """Where a field's N axis is: the axis of the 'N' in its shape suffix (masks_KxNxT: 1)."""
-  return name.rsplit("_", 1)[1].split("x").index("N")
-
-
-# ----------------------------------------------------------------------------------------------
-# Estimators: how a sequence is scored. `draw` gives one inner update's (masks_KxNxT, inputs_NxT);
-# `score` the likelihoods `(l_N, logp_NxT)` of `params` on them.
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimator:
-  draw: Callable
-  score: Callable
-  forward_passes: Callable[[objectives.ObjectiveConfig], int]  # model passes per row per scoring
-
-
-def _draw_masked_copies(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
-  """The sequence-level surrogate's K masks of the scored positions (ocfg.estimator's scheme)."""
-  del mask_id
-  masks = diffusion.surrogate_masks(
-    key, scored_NxT, ocfg.estimator, ocfg.num_masks, ocfg.t_min, ocfg.t_max
-  )
-  return masks, rollout.tokens_NxT
-
-
-def _score_masked_copies(model, params, rows: Rows, ocfg):
-  """`l(y|x)`: the surrogate over the K masked copies (TraFL, elbo_grpo, wd1)."""
-  logp_KxNxT = diffusion.masked_token_log_probs(
-    _apply_fn(model),
-    params,
-    rows.tokens_NxT,
-    rows.valid_NxT,
-    rows.masks_KxNxT,
-    model.cfg.mask_token_id,
-  )
-  l_N = diffusion.surrogate_from_log_probs(
-    logp_KxNxT, rows.masks_KxNxT, rows.scored_NxT, ocfg.length_normalize
-  )
-  return l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32)
-
-
-def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
-  """diffu-GRPO's estimator input: every completion token masked, prompt tokens masked at p."""
-  masked_prompt = jax.random.uniform(key, rollout.prompt_NxT.shape) < ocfg.prompt_mask_prob
-  masked = rollout.completion_NxT | (masked_prompt & rollout.prompt_NxT)
-  masks = jnp.zeros((1,) + scored_NxT.shape, bool)
-  return masks, diffusion.apply_mask(rollout.tokens_NxT, masked, mask_id)
-
-
-def _score_one_step(model, params, rows: Rows, ocfg):
-  """Per-token log-probabilities of one pass with the completion masked (diffu-GRPO)."""
-  del ocfg
-  logits = model.apply({"params": params}, rows.inputs_NxT, rows.valid_NxT)
-  logp_NxT = diffusion.token_log_probs(logits, rows.tokens_NxT)
-  return jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
-
-
-ESTIMATORS = {
-  "sequence": Estimator(_draw_masked_copies, _score_masked_copies, lambda ocfg: ocfg.num_masks),
-  "token": Estimator(_draw_one_step, _score_one_step, lambda ocfg: 1),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Objectives: `loss(ocfg, terms, rows, group_size) -> (loss, metrics)` and the estimator they use.
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  loss: Callable
-  estimator: str
-
-
-def _grouped(x_N, group_size: int):
-  return x_N.reshape(x_N.shape[0] // group_size, group_size)
-
-
-def _advantages_N(rows: Rows, group_size: int):
-  return objectives.group_advantages(_grouped(rows.rewards_N, group_size)).reshape(-1)
-
-
-def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
-  l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
-  rewards_BxG = _grouped(rows.rewards_N, group_size)
-  if ocfg.log_z == "mlp":
-    log_z_B = terms.log_z_B
-  else:
-    log_z_B = objectives.batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
-  weights = None
-  if ocfg.importance_weights:
-    weights = objectives.importance_weights(
-      l_theta, _grouped(rows.l_old_N, group_size), ocfg.importance_clip
-    )
-  return objectives.trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
-
-
-def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
-  return objectives.diffu_grpo_loss(
-    terms.logp_NxT,
-    rows.logp_old_NxT,
-    rows.logp_ref_NxT,
-    rows.scored_NxT,
-    _advantages_N(rows, group_size),
-    ocfg.clip_eps,
-    ocfg.kl_coef,
-  )
-
-
-def _elbo_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
-  return objectives.elbo_grpo_loss(
-    terms.l_theta_N,
-    rows.l_old_N,
-    rows.l_ref_N,
-    rows.scored_NxT.sum(-1).astype(jnp.float32),
-    _advantages_N(rows, group_size),
-    ocfg.clip_eps,
-    ocfg.kl_coef,
-  )
-
-
-def _wd1(ocfg, terms: Terms, rows: Rows, group_size: int):
-  del ocfg
-  advantages_BxG = objectives.group_advantages(_grouped(rows.rewards_N, group_size))
-  return objectives.wd1_loss(_grouped(terms.l_theta_N, group_size), advantages_BxG)
-
-
-OBJECTIVES = {
-  "trafl": Objective(_trafl, "sequence"),
-  "diffu_grpo": Objective(_diffu_grpo, "token"),
-  "elbo_grpo": Objective(_elbo_grpo, "sequence"),
-  "wd1": Objective(_wd1, "sequence"),
-}
-
-
-def estimator_of(ocfg: objectives.ObjectiveConfig) -> Estimator:
-  return ESTIMATORS[OBJECTIVES[ocfg.objective].estimator]
-
-
-def learned_log_z(ocfg: objectives.ObjectiveConfig) -> bool:
-  """TraFL with the learned head (`log_z = "mlp"`) trains `log Z_phi(x)`; the rest have none."""
-  return ocfg.objective == "trafl" and ocfg.log_z == "mlp"
-
-
-def objective_loss(ocfg, terms: Terms, rows: Rows, group_size: int):
-  """`(loss, metrics)` of whole prompt groups. Every objective's loss is a mean over prompts or rows,
-  so on equal micro-batches the batch's loss is the mean of theirs."""
-  loss, extra = OBJECTIVES[ocfg.objective].loss(ocfg, terms, rows, group_size)
-  extra["rl/kl_estimate"] = jnp.mean(terms.l_theta_N - rows.l_ref_N)
-  return loss, extra
-
-
 # ----------------------------------------------------------------------------------------------
 # Shardings and jitting
 
 
-def rollout_shardings(mesh, rules) -> Rollout:
+def rollout_shardings(mesh, rules) -> objectives.Rollout:
   """Shardings of a rollout batch: rows over the data axes."""
   rows_2d = sharding.batch_sharding(mesh, rules, 2)
-  return Rollout(rows_2d, rows_2d, rows_2d, rows_2d, sharding.batch_sharding(mesh, rules, 1))
+  return objectives.Rollout(
+    rows_2d, rows_2d, rows_2d, rows_2d, sharding.batch_sharding(mesh, rules, 1)
+  )
 
 
-def prepared_shardings(mesh, rules) -> Prepared:
+def prepared_shardings(mesh, rules) -> objectives.Prepared:
   """Shardings of `prepare`'s output: the row axis N over the data axes, wherever it sits."""
   axes = sharding.batch_axes(rules)
 
@@ -343,7 +119,9 @@ def prepared_shardings(mesh, rules) -> Prepared:
     spec[dims.index("N")] = axes
     return NamedSharding(mesh, P(*spec))
 
-  return Prepared(**{f.name: sharded(f.name) for f in dataclasses.fields(Prepared)})
+  return objectives.Prepared(
+    **{f.name: sharded(f.name) for f in dataclasses.fields(objectives.Prepared)}
+  )
 
 
 def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shardings, mesh, rules):
@@ -381,10 +159,6 @@ def set_log_z_bias(log_z_params, value):
   return {**log_z_params, "out": out}
 
 
-def _apply_fn(model: model_lib.Transformer):
-  return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
-
-
 # ----------------------------------------------------------------------------------------------
 # Micro-batches
 
@@ -414,7 +188,7 @@ def split_micro_batches(node, micro_batches: int):
   field split on its own N axis, read from its name)."""
   return node.replace(
     **{
-      f.name: _split_rows(getattr(node, f.name), micro_batches, _row_axis(f.name))
+      f.name: _split_rows(getattr(node, f.name), micro_batches, objectives._row_axis(f.name))
       for f in dataclasses.fields(node)
       if getattr(node, f.name) is not None
     }
@@ -436,11 +210,11 @@ def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = 
     )
 
 
-def _likelihoods(model, params, rows: Rows, ocfg):
+def _likelihoods(model, params, rows: objectives.Rows, ocfg):
   """The objective's estimator's `(l_N, logp_NxT)` of `params`, over `ocfg.micro_batches` consecutive
   row ranges in turn (a `lax.map`) when it is above 1, so only one micro-batch's activations are alive
   at a time; the same values as one pass."""
-  score = functools.partial(estimator_of(ocfg).score, model, params, ocfg=ocfg)
+  score = functools.partial(objectives.estimator_of(ocfg).score, model, params, ocfg=ocfg)
   if ocfg.micro_batches == 1:
     return score(rows)
   l_MxN, logp_MxNxT = jax.lax.map(score, split_micro_batches(rows, ocfg.micro_batches))
@@ -451,7 +225,9 @@ def _likelihoods(model, params, rows: Rows, ocfg):
 # The steps
 
 
-def prepare(state: RLState, ref_params, rollout: Rollout, *, model, ocfg, num_inner: int):
+def prepare(
+  state: RLState, ref_params, rollout: objectives.Rollout, *, model, ocfg, num_inner: int
+):
   """Draws the masks of every inner update and scores the batch under the old policy and the reference
   with them (no gradients), one inner update at a time and micro-batch by micro-batch when
   `ocfg.micro_batches > 1` (the masks are drawn for the whole batch first, so they do not depend on
@@ -461,13 +237,13 @@ def prepare(state: RLState, ref_params, rollout: Rollout, *, model, ocfg, num_in
     rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
   )
   rng = jax.random.fold_in(state.rng, state.step)
-  estimator = estimator_of(ocfg)
+  estimator = objectives.estimator_of(ocfg)
 
   def one(i):
     key = jax.random.fold_in(rng, i)
     masks, inputs = estimator.draw(key, rollout, scored_NxT, ocfg, model.cfg.mask_token_id)
     # What scoring reads; the fields it does not are left out (None), so micro-batches skip them.
-    rows = Rows(
+    rows = objectives.Rows(
       tokens_NxT=rollout.tokens_NxT,
       valid_NxT=rollout.valid_NxT,
       prompt_NxT=None,
@@ -489,7 +265,7 @@ def prepare(state: RLState, ref_params, rollout: Rollout, *, model, ocfg, num_in
   # (diffu_grpo with d1's 12 inner updates: 28 GiB of temporaries a device on v4-32, not 8;
   # docs/scaling.md).
   stacked = jax.lax.map(one, jnp.arange(num_inner))
-  return jax.lax.stop_gradient(Prepared(*stacked, scored_NxT=scored_NxT))
+  return jax.lax.stop_gradient(objectives.Prepared(*stacked, scored_NxT=scored_NxT))
 
 
 def _constrain_like_params(model, tree):
@@ -500,7 +276,14 @@ def _constrain_like_params(model, tree):
 
 
 def update(
-  state: RLState, rollout: Rollout, prepared: Prepared, i, *, model, ocfg, group_size: int
+  state: RLState,
+  rollout: objectives.Rollout,
+  prepared: objectives.Prepared,
+  i,
+  *,
+  model,
+  ocfg,
+  group_size: int,
 ):
   """One optimizer step on inner iteration `i`'s masks. With `ocfg.micro_batches = M > 1` the
   gradient is accumulated over M micro-batches of whole prompt groups (a `lax.scan`; one micro-batch's
@@ -509,14 +292,14 @@ def update(
   g, m = group_size, ocfg.micro_batches
   n = rollout.rewards_N.shape[0]
   check_micro_batches(n, m, g)
-  rows = Rows.of(rollout, prepared, i)
+  rows = objectives.Rows.of(rollout, prepared, i)
   head = objectives.LogZHead(width=model.cfg.d_model)
-  score = estimator_of(ocfg).score
+  score = objectives.estimator_of(ocfg).score
 
-  def micro_step(params, log_z_params, mb: Rows):
+  def micro_step(params, log_z_params, mb: objectives.Rows):
     """`((loss, terms), grads)` of one micro-batch (or the whole batch)."""
     hidden_BxTxD = None
-    if learned_log_z(ocfg):
+    if objectives.learned_log_z(ocfg):
       # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
       masked_NxT = diffusion.apply_mask(mb.tokens_NxT, mb.completion_NxT, model.cfg.mask_token_id)
       _, hidden = model.apply(
@@ -527,10 +310,10 @@ def update(
     def loss_fn(params, log_z_params):
       l_theta_N, logp_NxT = score(model, params, mb, ocfg)
       log_z_B = jnp.zeros((0,))
-      if learned_log_z(ocfg):
+      if objectives.learned_log_z(ocfg):
         log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
-      terms = Terms(l_theta_N=l_theta_N, logp_NxT=logp_NxT, log_z_B=log_z_B)
-      return objective_loss(ocfg, terms, mb, g)[0], terms
+      terms = objectives.Terms(l_theta_N=l_theta_N, logp_NxT=logp_NxT, log_z_B=log_z_B)
+      return objectives.objective_loss(ocfg, terms, mb, g)[0], terms
 
     return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
 
@@ -548,7 +331,7 @@ def update(
     (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
     terms = jax.tree.map(_merge_rows, terms)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
-  loss, metrics = objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
+  loss, metrics = objectives.objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   log_z_updates, log_z_opt_state = state.log_z_tx.update(log_z_grads, state.log_z_opt_state)
   state = state.replace(
@@ -557,7 +340,7 @@ def update(
     log_z=optax.apply_updates(state.log_z, log_z_updates),
     log_z_opt_state=log_z_opt_state,
   )
-  rewards_BxG = _grouped(rollout.rewards_N, g)
+  rewards_BxG = objectives._grouped(rollout.rewards_N, g)
   metrics.update(
     {
       "rl/loss": loss,

@@ -363,6 +363,59 @@ def test_fallback_rlimits_contains_the_basics(program, tests, status):
   assert _processes("987.") == []
 
 
+# Threads end as under `python prog.py`: non-daemon ones are joined (a never-ending one times out like a
+# top-level endless loop), daemon ones are abandoned; shut-down or idle executors let the program end.
+MODES = sorted({sandbox.isolation(), "rlimits"})
+SPIN = "import threading\nfrom concurrent import futures\ndef spin():\n  while True:\n    pass\n"
+THREADS_THAT_NEVER_END = {
+  "busy_thread": SPIN + "threading.Thread(target=spin).start()\n",
+  "busy_executor_task": SPIN + "futures.ThreadPoolExecutor(1).submit(spin)\n",
+}
+THREADS_THAT_END = {
+  "thread_done_after_a_sleep": """import threading, time
+def finish():
+  time.sleep(0.3)
+  print("thread finished", flush=True)
+threading.Thread(target=finish).start()
+""",
+  "busy_daemon_thread": SPIN + "threading.Thread(target=spin, daemon=True).start()\n",
+  "executors_shut_down_or_idle": """import time
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(2) as ex:
+  squares = list(ex.map(lambda x: x * x, range(4)))
+later = ThreadPoolExecutor(2)
+later.submit(time.sleep, 0.2)
+later.shutdown(wait=False)
+idle = ThreadPoolExecutor(1)
+assert idle.submit(int, "7").result() == 7
+""",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(THREADS_THAT_NEVER_END))
+def test_a_non_daemon_thread_that_never_ends_times_out_like_an_endless_loop(name, mode):
+  limits = sandbox.Limits(timeout_s=1.0)
+  result = _run(THREADS_THAT_NEVER_END[name] + ADD, ADD_TESTS, limits, isolation_mode=mode)
+  loop = _run("while True:\n  pass\n", "", limits, isolation_mode=mode)
+  assert (result.passed, result.status, result.detail) == (False, "timeout", loop.detail), result
+  assert loop.status == "timeout"
+  assert result.seconds < limits.timeout_s + 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(THREADS_THAT_END))
+def test_threads_that_end_or_are_daemons_pass(name, mode):
+  tests = ADD_TESTS + (
+    "assert squares == [0, 1, 4, 9]\n" if "squares" in THREADS_THAT_END[name] else ""
+  )
+  result = _run(THREADS_THAT_END[name] + ADD, tests, isolation_mode=mode)
+  assert result.passed, result
+  assert result.seconds < FAST.timeout_s
+  if name == "thread_done_after_a_sleep":  # joined before the harness ended the process
+    assert "thread finished" in result.output
+
+
 def test_run_many_preserves_order():
   items = [(ADD, ADD_TESTS), (WRONG_ADD, ADD_TESTS), ("while True:\n  pass\n", "")] * 3
   results = sandbox.run_many(items, sandbox.Limits(timeout_s=1.0), workers=3)

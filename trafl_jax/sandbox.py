@@ -14,26 +14,30 @@ tmpfs over that directory holding read-only binds of the interpreter's prefixes 
 the system's same-version Python (rlimits). The harness sets RLIMIT_AS/CPU/FSIZE, CORE=0 and NPROC
 (the processes already running as its uid plus `max_processes`) before any program code runs.
 
-Pass detection. The parent hands the harness three fds: a memfd with the job (program, tests, limits),
-a pipe holding a random per-run nonce (write end closed), and a record pipe. The harness reads the
-job, closes every other fd, sets the limits, snapshots `builtins`, writes `S`, compiles the program and
-each top-level test statement, runs the program, then each test statement in a namespace with the
-program's names but a pristine copy of the builtins (patching `builtins` cannot change what tests
-compute). After the last one it checks that stdout/stderr are still the original pipes and that no
-other process is alive (in the pid namespace, else of its uid or session), and only then reads the
-nonce and writes `P <nonce> <statements run>`; failures write `F`/`E`/`L`/`T` and a reason. The
-parent passes a run only if (a) the sandbox exited 0, (b) the records are exactly `S` and that `P`
-line with its nonce, (c) the count equals the number of top-level statements in `tests` (HumanEval's
-last is `check(...)`, so it returned; each MBPP assert counts), (d) nothing of the run is alive
-afterwards, (e) neither timeout nor output limit was hit. So early exits (`sys.exit`, `os._exit`,
-`SystemExit`), printed or forged markers, closed or replaced stdout/stderr, patched `print`/`sys.exit`/
-`builtins`, killing the parent (out of reach: EPERM or ignored) and background processes all fail.
+Pass detection. The parent hands the harness three fds: a memfd with the job (program, tests, limits), a
+pipe holding a random per-run nonce (write end closed), and a record pipe. The harness reads the job,
+closes every other fd, sets the limits, snapshots `builtins`, writes `S`, compiles the program and each
+top-level test statement, runs the program, then each test statement in a namespace with the program's
+names but a pristine copy of the builtins (patching `builtins` cannot change what tests compute). After
+the last one it ends the way `python prog.py` ends: `threading._shutdown()` runs the
+`concurrent.futures` exit hooks and joins every non-daemon thread (daemon ones are abandoned), so a
+thread that never ends times out as a top-level endless loop does. Then it checks that stdout/stderr are
+still the original pipes and that no other process is alive (in the pid namespace, else of its uid or
+session), and only then reads the nonce and writes `P <nonce> <statements run>`; failures write
+`F`/`E`/`L`/`T` and a reason. The parent passes a run only if (a) the sandbox exited 0, (b) the records
+are exactly `S` and that `P` line with its nonce, (c) the count equals the number of top-level
+statements in `tests` (HumanEval's last is `check(...)`, so it returned; each MBPP assert counts), (d)
+nothing of the run is alive afterwards, (e) neither timeout nor output limit was hit. So early exits
+(`sys.exit`, `os._exit`, `SystemExit`), printed or forged markers, closed or replaced stdout/stderr,
+patched `print`/`sys.exit`/`builtins`, killing the parent (out of reach: EPERM or ignored) and
+background processes all fail.
 
-Statuses: passed | failed (a test statement raised) | error (the program raised or does not compile,
-or the tests do not parse) | timeout | output_limit (over `output_bytes` of stdout+stderr, which are
-kept up to that bound) | killed (a signal, e.g. SIGXCPU) | exited (ended before its tests completed) |
-leftover (a process outlived the tests) | tampered (forged, repeated or missing records, stdout/stderr
-closed or replaced, the nonce taken) | sandbox_error (the sandbox did not start).
+Statuses: passed | failed (a test statement raised) | error (the program raised or does not compile, or
+the tests do not parse) | timeout (also a non-daemon thread that never ends) | output_limit (over
+`output_bytes` of stdout+stderr, which are kept up to that bound) | killed (a signal, e.g. SIGXCPU) |
+exited (ended before its tests completed) | leftover (a process outlived the tests) | tampered (forged,
+repeated or missing records, stdout/stderr closed or replaced, the nonce taken) | sandbox_error (the
+sandbox did not start).
 
 NOT protected: code written against this harness can forge a pass (read the nonce fd first, or reach
 the harness's frames via `sys._getframe`, tracing or `gc`); objects whose `__eq__` is always True pass
@@ -105,6 +109,7 @@ import _ast, builtins, json, os, resource, sys, types
 def main():
   read, write, close, exit_, stat, fstat = os.read, os.write, os.close, os._exit, os.stat, os.fstat
   listdir, getuid, settrace, setprofile = os.listdir, os.getuid, sys.settrace, sys.setprofile
+  module_named = sys.modules.get  # the interpreter's own table, as finalization reads it
   compile_, exec_, dict_, int_, len_, open_, type_, str_, Base = (
     compile, exec, dict, int, len, open, type, str, BaseException)
   in_fd, nonce_fd, rec_fd, scope = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -182,6 +187,14 @@ def main():
       settrace(None); setprofile(None); say("F", describe(e)); exit_(1)
     settrace(None); setprofile(None)
     done += 1
+  # End as a script ends: finalization calls threading._shutdown(), which runs the exit hooks of
+  # concurrent.futures and joins every non-daemon thread, so one that never ends meets the timeout.
+  # Like CPython, ignore what it raises.
+  threading = module_named("threading")
+  if threading is not None:
+    try: threading._shutdown()
+    except Base: pass
+    settrace(None); setprofile(None)
   try: same = [(s.st_dev, s.st_ino) for s in (fstat(1), fstat(2))] == stdio
   except OSError: same = False
   if not same: say("T", "stdout/stderr were closed or replaced"); exit_(1)

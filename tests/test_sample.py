@@ -13,7 +13,7 @@ import tokenizers
 from flax import linen as nn
 
 from configs import math as math_config
-from trafl_jax import convert, pipeline, sample
+from trafl_jax import convert, pipeline, sample, sampler
 from trafl_jax import model as model_lib
 
 from .conftest import ROOT, small_model_config
@@ -169,3 +169,36 @@ def test_readme_python_example_runs(workdir, capsys):
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 2 and printed[0].startswith("Numbers: 3 7 12. Target: 33. ->")
   assert "commit steps: [" in printed[1]
+
+
+def test_a_checkpoint_without_tokenizer_samples_token_ids(tmp_path, workdir):
+  bare = str(tmp_path / "bare")
+  cfg = small_model_config(pad_token_id=3)
+  params = model_lib.Transformer(cfg).init(
+    jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)
+  )["params"]
+  convert.write_hf(nn.unbox(params), cfg, bare)  # weights and config.json, no tokenizer
+  generator = sample.Generator.load(bare)
+  assert generator.tokenizer is None
+  ids = [[5, 6, 7], [8, 9, 10, 11], [12]]
+  tokens, steps = generator.generate_ids(ids, batch_size=2, **SETTINGS)
+  assert tokens.shape == steps.shape == (3, 16)
+  assert (steps >= 0).all() and (steps < 8).all()  # every position committed at some step
+  # The same rows as one call of the sampler on the padded prompts (the second chunk's seed differs).
+  scfg = sampler.SamplerConfig(**SETTINGS)
+  prompt, valid = generator.pad_prompts(ids[:2], 8)
+  direct = generator._fn(scfg)(generator.params, prompt, valid, jax.random.PRNGKey(0))[0]
+  np.testing.assert_array_equal(tokens[:2], np.asarray(direct)[:2])
+  with pytest.raises(ValueError, match="has no tokenizer"):
+    generator.generate(["hi"], **SETTINGS)
+  flags = ("--gen_length=16", "--steps=8", "--block_length=8")
+  result = _cli(f"--checkpoint={bare}", "--prompt_ids=5,6,7", *flags)
+  assert result.returncode == 0, result.stderr
+  want = " ".join(
+    map(str, generator.until_end(generator.generate_ids([[5, 6, 7]], **SETTINGS)[0][0]))
+  )
+  assert f"=== ids 0: 5 6 7\n{want}\n" in result.stdout
+  text = _cli(f"--checkpoint={bare}", "--prompt=hi")
+  assert (
+    text.returncode == 1 and "has no tokenizer" in text.stderr and "--prompt_ids" in text.stderr
+  )

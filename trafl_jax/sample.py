@@ -96,7 +96,7 @@ def _restore(checkpoint: str, stored, cfg, mesh, rules):
   stored_target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
   params = ckpt_lib.restore_params(checkpoint, stored_target)
   restack = functools.partial(model_lib.restack, n_layers=cfg.n_layers, scan_layers=cfg.scan_layers)
-  return jax.jit(restack, out_shardings=shardings, donate_argnums=0)(params)
+  return jax.jit(restack, out_shardings=shardings)(params)
 
 
 class Generator:

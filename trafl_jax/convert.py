@@ -17,14 +17,14 @@ import os
 import shutil
 import sys
 
-import flax
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
+from flax import linen as nn
 from safetensors import numpy as st_numpy
 
 from trafl_jax import checkpoint, cli, hf_format
 from trafl_jax import model as model_lib
+from trafl_jax import state as state_lib
 
 MODEL_CONFIG_JSON = "model_config.json"
 DEFAULT_SHARD_BYTES = 5_000_000_000  # Hugging Face's save_pretrained default
@@ -127,14 +127,10 @@ def model_config_from_dir(path: str, **overrides) -> model_lib.ModelConfig:
 
 def _restore(path: str, cfg: model_lib.ModelConfig):
   """Our params checkpoint as host (CPU) arrays, checked against the model's shapes."""
-  device = jax.local_devices(backend="cpu")[0]
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  init = lambda: model_lib.Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens == 0)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
-    ),
-    flax.core.meta.unbox(jax.eval_shape(init)["params"]),
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    nn.unbox(state_lib.abstract_params(model_lib.Transformer(cfg))),
   )
   return checkpoint.restore_params(path, abstract)
 

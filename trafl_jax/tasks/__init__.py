@@ -15,6 +15,7 @@ Dimension legend: none (pure Python, no arrays).
 from collections.abc import Sequence
 from typing import Any
 
+from trafl_jax import distributed
 from trafl_jax.tasks import base, code, countdown, math
 
 # The shared types live in tasks/base.py (the family modules import it, not this package); callers
@@ -140,8 +141,6 @@ def rewards(
 def rewards_split(problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
   """`rewards` with the scoring split over the processes of a multi-process run (each scores a share;
   all get every value, in order)."""
-  from trafl_jax import distributed
-
   pairs = list(zip(problems, completions))
   return distributed.map_split(
     lambda part: rewards([p for p, _ in part], [c for _, c in part]), pairs

@@ -93,7 +93,7 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.task = "countdown"
   c.rl.train_path = ""  # prompts for tasks read from files
   c.rl.eval_path = ""
-  c.rl.train_limit = 0  # 0 = all (countdown: 256 generated)
+  c.rl.train_limit = 0  # 0 = all (countdown: every problem of the post-training part of the space)
   c.rl.objective = "trafl"  # trafl | diffu_grpo | elbo_grpo | wd1
   c.rl.beta = 2.0
   c.rl.length_normalize = False
@@ -134,7 +134,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   # Evaluation (python -m trafl_jax.evaluate): tasks x generation lengths, greedy and n samples each.
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = ("countdown",)  # "task" or "task=path", e.g. "math=/data/minerva_math/test.jsonl"
-  c.eval.split = "test"
+  # Rows per split: "test" (held out); "train" adds a probe of the post-training prompts (Countdown).
+  c.eval.splits = ("test",)
   c.eval.limit = 200  # problems per task (0 = all)
   c.eval.gen_lengths = (128, 256, 512)
   c.eval.steps_per_token = 0.5  # steps = gen_length / 2

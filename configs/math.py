@@ -47,7 +47,11 @@ def get_config(arg: str | None = None):
   c.eval.gen_lengths = (16, 32)
   c.eval.block_length = 16
   c.eval.steps_per_token = 1.0
-  c.rl.train_limit = 2000
+  # Countdown's problem space is split three ways (tasks/countdown.py): the reference trains on one part,
+  # post-training uses every problem of another (train_limit 0), and the held-out test is the third.
+  # Evaluation reports the test and a probe of the post-training prompts as separate rows.
+  c.rl.train_limit = 0
+  c.eval.splits = ("test", "train")
   c.rl.gen_length = 16
   c.rl.sample_steps = 16
   c.rl.block_length = 16
@@ -61,6 +65,7 @@ def get_config(arg: str | None = None):
     c.rl.eval_problems = 8
     c.rl.ckpt_every = 2
     c.eval.limit = 6
+    c.eval.splits = ("test",)
     c.eval.num_samples = 4
     c.eval.gen_lengths = (16,)
     c.eval.batch_size = 24
@@ -78,6 +83,7 @@ def get_config(arg: str | None = None):
     common.llada_8b_posttraining(c, "gsm8k")
     c.rl.num_steps = 1000
     c.eval.tasks = ("gsm8k",)
+    c.eval.splits = ("test",)
   if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
     c.stages = ("reference",)

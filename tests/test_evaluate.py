@@ -1,5 +1,6 @@
 """Evaluation: the pass@k estimator, diversity/locking metrics, reports, and an interrupted run resuming."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -145,3 +146,23 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
     ("fsdp", -1),
     ("tensor", 1),
   )
+
+
+def test_rows_per_split_and_no_repeated_problem(tmp_path):
+  config = math_config.get_config(
+    ""
+  )  # the main job's: the test and a probe of post-training prompts
+  cfg = dataclasses.replace(config_lib.eval_config(config), limit=40)
+  (test_label, test), (probe_label, probe) = cfg.problem_sets()
+  assert (test_label, probe_label) == ("countdown", "countdown@train")
+  assert len({p.id for p in test}) == len(test) == 40 and len({p.id for p in probe}) == 40
+  prompts = {p.id for p in config_lib.posttrain_config(config).train_problems.load()}
+  assert {p.id for p in probe} <= prompts  # the probe is made of post-training prompts
+  assert not {p.id for p in test} & prompts  # the test shares none
+  # A file with a repeated question: it is evaluated once.
+  path = tmp_path / "gsm8k.jsonl"
+  rows = [("What is 2 + 3?", "#### 5"), ("What is 4 * 4?", "#### 16"), ("What is 2 + 3?", "#### 5")]
+  path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+  gsm = dataclasses.replace(cfg, tasks=(f"gsm8k={path}",), splits=("test",), limit=None)
+  [(label, problems)] = gsm.problem_sets()
+  assert label == "gsm8k:gsm8k" and [p.prompt for p in problems] == [rows[0][0], rows[1][0]]

@@ -17,9 +17,10 @@ from .conftest import ROOT
 
 LAUNCHER = str(ROOT / "launch" / "local_multiprocess.sh")
 STEPS = 10
-# Countdown over two numbers in 1..3: a 300-step tiny reference solves some of them, so rewards vary and
-# each process's scoring of its own rows is part of what is compared.
-DATA = {"countdown_numbers": 2, "countdown_max_number": 3}
+# Countdown over two numbers in 1..5: a 300-step tiny reference solves some of the post-training part's
+# 10 problems (it trained on the SFT part's 20), so rewards vary and each process's scoring of its own rows
+# is part of what is compared.
+DATA = {"countdown_numbers": 2, "countdown_max_number": 5}
 
 
 def _flags(reference: str, workdir: str, **rl) -> list[str]:
@@ -29,6 +30,7 @@ def _flags(reference: str, workdir: str, **rl) -> list[str]:
     f"--config.rl.reference={reference}",
     f"--config.rl.num_steps={STEPS}",
     "--config.rl.eval_every=0",
+    "--config.rl.train_limit=0",
     "--config.train.progress=False",
     f"--workdir={workdir}",
   ]

@@ -61,22 +61,42 @@ def test_each_family_module_imports_first_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stderr
 
 
-def test_countdown_load_keeps_the_generator_prompt():
-  problems = tasks.load("countdown", limit=5, seed=3)
-  generated = countdown.generate(5, 3, split="test")
-  assert [p.id for p in problems] == [f"countdown/seed3/{i}" for i in range(5)]
-  for problem, g in zip(problems, generated):
-    assert tasks.format_prompt(problem) == countdown.prompt_for(g["numbers"], g["target"])
-    assert problem.reference == {"numbers": g["numbers"], "target": g["target"]}
-  assert len(tasks.load("countdown")) == 256
-  # Train and test prompts come from disjoint parts of the problem space.
-  train = {tasks.format_prompt(p) for p in tasks.load("countdown", "train", limit=3000, seed=3)}
-  test = tasks.load("countdown", "test", limit=300, seed=3)
-  assert not train & {tasks.format_prompt(p) for p in test}
-  assert all(countdown.split_of(**p.reference) == "test" for p in test)
+def test_countdown_load_gives_distinct_problems_of_one_split():
+  problems = tasks.load("countdown", limit=50, seed=3, max_number=10)
+  keys = [countdown.problem_key(**p.reference) for p in problems]
+  assert len(set(keys)) == 50 and [p.id for p in problems] == [f"countdown/{k}" for k in keys]
+  for problem in problems:
+    ref = problem.reference
+    assert tasks.format_prompt(problem) == countdown.prompt_for(ref["numbers"], ref["target"])
+    assert countdown.split_of(**ref) == "test"
+  # A smaller set is a prefix of a larger one (an evaluation probe is a subset of the prompts).
+  assert tasks.load("countdown", limit=10, seed=3, max_number=10) == problems[:10]
   assert (
     tasks.load("countdown", limit=3, seed=1, num_numbers=4)[0].reference["numbers"].__len__() == 4
   )
+
+
+def test_countdown_splits_partition_the_problem_space():
+  """The reference's SFT data, the post-training prompts and the held-out test never share a problem."""
+  kw = dict(num_numbers=3, max_number=10)
+  space = countdown.problem_space(**kw)
+  parts = {
+    s: {countdown.problem_key(*p) for p in space if countdown.split_of(*p) == s}
+    for s in ("sft", "train", "test")
+  }
+  assert sum(len(v) for v in parts.values()) == len(
+    set(map(lambda p: countdown.problem_key(*p), space))
+  )
+  assert not (
+    parts["sft"] & parts["train"] or parts["sft"] & parts["test"] or parts["train"] & parts["test"]
+  )
+  for split, keys in parts.items():
+    every = tasks.load("countdown", split, seed=0, **kw)  # no limit: the whole part
+    assert {countdown.problem_key(**p.reference) for p in every} == keys
+  sft = countdown.generate(3000, seed=0, split="sft", **kw)  # the reference's data: repeats allowed
+  assert {countdown.problem_key(p["numbers"], p["target"]) for p in sft} <= parts["sft"]
+  with pytest.raises(ValueError, match=r"holds \d+ distinct problems .* fewer than the 5000"):
+    tasks.load("countdown", "test", limit=5000, **kw)
 
 
 def test_hub_loading_without_datasets_says_what_to_do():

@@ -37,7 +37,9 @@ RECORDS_FILE = "eval_records.jsonl"
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   tasks: tuple[str, ...]  # "task" or "task=path" (e.g. "math=/data/minerva_math/test.jsonl")
-  split: str
+  # Each task is evaluated on each split, as rows of their own: "test" (held out) and, for Countdown,
+  # "train" (a probe of the post-training prompts: where the policy trained is another claim).
+  splits: tuple[str, ...]
   limit: int | None
   gen_lengths: tuple[int, ...]
   steps_per_token: float
@@ -51,11 +53,29 @@ class EvalConfig:
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
 
-  def load(self, task: str, path: str | None):
+  def load(self, task: str, path: str | None, split: str = "test"):
+    """The split's problems, without repeats (a problem that appears twice, by id or by prompt, is
+    evaluated once: one problem is one point)."""
     kw = {}
     if task == "countdown":
       kw = dict(num_numbers=self.countdown_numbers, max_number=self.countdown_max_number)
-    return tasks_lib.load(task, split=self.split, path=path, limit=self.limit, seed=self.seed, **kw)
+    problems = tasks_lib.load(task, split=split, path=path, limit=self.limit, seed=self.seed, **kw)
+    seen, out = set(), []
+    for p in problems:
+      if p.id not in seen and p.prompt not in seen:
+        seen.update((p.id, p.prompt))
+        out.append(p)
+    return out
+
+  def problem_sets(self) -> list[tuple[str, list]]:
+    """`(row label, problems)` for every task x split: the task's label for "test", `label@split`
+    for the others."""
+    out = []
+    for spec in self.tasks:
+      task, path, label = _parse_task(spec)
+      for split in self.splits:
+        out.append((label if split == "test" else f"{label}@{split}", self.load(task, path, split)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +185,7 @@ def evaluate_checkpoint(
   """Evaluates one loaded checkpoint over the task x length grid, appending records as it goes."""
   records_path = os.path.join(workdir, RECORDS_FILE)
   done = _read_records(records_path)
-  for spec in cfg.tasks:
-    task, path, task_label = _parse_task(spec)
-    problems = cfg.load(task, path)
+  for task_label, problems in cfg.problem_sets():
     for gen_length in cfg.gen_lengths:
       settings = sampler_settings(cfg, gen_length)
       for start in range(0, len(problems), cfg.problems_per_batch):
@@ -242,10 +260,7 @@ def run(
   labels = list(labels) or _labels(checkpoints)
   if len(labels) != len(checkpoints):
     raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
-  total = 0
-  for spec in cfg.tasks:
-    task, path, _ = _parse_task(spec)
-    total += len(cfg.load(task, path))
+  total = sum(len(problems) for _, problems in cfg.problem_sets())
   total *= len(cfg.gen_lengths) * len(checkpoints)
   progress = metrics.Progress(total, enabled=show_progress, desc="eval")
   done: dict[tuple, dict] = {}

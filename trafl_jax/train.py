@@ -81,7 +81,7 @@ def training_records(dc: DataConfig, seed: int, workdir: str) -> list[dict]:
         seed=seed,
         num_numbers=dc.countdown_numbers,
         max_number=dc.countdown_max_number,
-        split="train",
+        split="sft",  # the part of the problem space no post-training prompt or test problem is in
       )
       _write_jsonl_atomic(path, [{"prompt": p["prompt"], "answer": p["answer"]} for p in problems])
     return data_lib.load_jsonl(path)

@@ -39,7 +39,8 @@ def load(
 ) -> list[Problem]:
   """The problems of `task`: from `path` when given, else generated (countdown) or downloaded.
 
-  `limit` keeps the first `limit` problems (countdown: generates that many, 256 by default).
+  `limit` keeps the first `limit` problems (countdown: that many distinct problems of the split, all of
+  them by default).
   `seed` and `kw` (`num_numbers`, `max_number`) are used by countdown only; HumanEval ignores
   `split` (it has one).
   """
@@ -49,16 +50,17 @@ def load(
   if task == "countdown":
     if path is not None:
       raise ValueError("countdown problems are generated from a seed; it takes no path")
-    # Train and test come from disjoint halves of the problem space (countdown.split_of).
-    generated = countdown.generate(256 if limit is None else limit, seed, split=split, **kw)
+    # Distinct problems of one part of the fixed partition (countdown.split_of): "train" (post-training
+    # prompts), "test" (held out) or "sft" (the reference's); all of the part when `limit` is None.
+    generated = countdown.distinct(limit, seed, split, **kw)
     return [
       Problem(
         task="countdown",
-        id=f"countdown/seed{seed}/{i}",
+        id=f"countdown/{countdown.problem_key(p['numbers'], p['target'])}",
         prompt=p["prompt"],
         reference={"numbers": p["numbers"], "target": p["target"]},
       )
-      for i, p in enumerate(generated)
+      for p in generated
     ]
   if kw:
     raise ValueError(f"Unexpected options for task {task!r}: {sorted(kw)}")

@@ -10,6 +10,7 @@ Dimension legend: none (pure Python, no arrays).
 """
 
 import fractions
+import functools
 import hashlib
 import itertools
 import random
@@ -83,15 +84,108 @@ def solutions(numbers: Sequence[int], target: int) -> list[str]:
   return list(found)
 
 
-TEST_FRACTION = 0.1
+# A fixed partition of the problem space by a stable hash of (sorted numbers, target): the reference's SFT
+# data, the post-training prompts and the held-out test never share a problem, whatever the seeds.
+SPLITS = (("test", 0.2), ("train", 0.3), ("sft", 0.5))  # (split, fraction), in hash-bucket order
 
 
 def split_of(numbers: Sequence[int], target: int) -> str:
-  """ "train" or "test", a fixed partition of the problem space (by a stable hash of the sorted numbers
-  and the target), so held-out problems never appear in training data whatever the seeds."""
+  """ "sft" (reference training data), "train" (post-training prompts) or "test" (held out)."""
   key = ",".join(map(str, sorted(numbers))) + f"->{target}"
   bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
-  return "test" if bucket < TEST_FRACTION else "train"
+  edge = 0.0
+  for name, fraction in SPLITS:
+    edge += fraction
+    if bucket < edge:
+      return name
+  return SPLITS[-1][0]
+
+
+def problem_key(numbers: Sequence[int], target: int) -> str:
+  """A problem's identity: its numbers as a multiset and its target (`3,7,12->33`)."""
+  return ",".join(map(str, sorted(numbers))) + f"->{target}"
+
+
+@functools.cache
+def problem_space(num_numbers: int, max_number: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+  """Every distinct problem `(sorted numbers, target)` with numbers in [1, max_number] and a positive
+  integer target some flat expression reaches, in a fixed order."""
+  out = []
+  for numbers in itertools.combinations_with_replacement(range(1, max_number + 1), num_numbers):
+    targets = set()
+    for order in set(itertools.permutations(numbers)):
+      for ops in itertools.product(OPS, repeat=num_numbers - 1):
+        value = _eval_flat(order, ops)
+        if value is not None and value[0] > 0 and value[0] % value[1] == 0:
+          targets.add(value[0] // value[1])
+    out += [(numbers, t) for t in sorted(targets)]
+  return tuple(out)
+
+
+def _draw(rng: random.Random, num_numbers: int, max_number: int) -> tuple[list[int], int] | None:
+  """One draw of the generator: random numbers, a random expression over them; `(numbers, target)`
+  when its value is a positive integer, else None."""
+  numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
+  order = rng.sample(numbers, len(numbers))
+  ops = [rng.choice(OPS) for _ in range(num_numbers - 1)]
+  value = _eval_flat(order, ops)
+  # Denominators stay positive, so the sign test on the numerator is valid.
+  if value is None or value[0] <= 0 or value[0] % value[1]:
+    return None
+  return numbers, value[0] // value[1]
+
+
+def _problem(numbers: Sequence[int], target: int, rng: random.Random) -> dict:
+  """The record of a problem, its answer drawn uniformly among its solutions."""
+  answer = rng.choice(solutions(numbers, target))
+  return {
+    "prompt": prompt_for(numbers, target),
+    "answer": answer,
+    "numbers": list(numbers),
+    "target": target,
+  }
+
+
+def distinct(
+  num_problems: int | None,
+  seed: int,
+  split: str,
+  num_numbers: int = 3,
+  max_number: int = 20,
+) -> list[dict]:
+  """`num_problems` distinct problems of `split` (None: all of them, from `problem_space`), each once.
+
+  They are the first distinct ones of the generator's seeded stream, so a smaller set is a prefix of
+  a larger one with the same seed (an evaluation probe of post-training prompts is a subset of them).
+  Problems the stream rarely reaches are taken from the enumerated space when the stream runs long.
+  Asking for more than the split holds is an error naming how many it holds."""
+  if split not in dict(SPLITS):
+    raise ValueError(f"countdown split must be one of {[n for n, _ in SPLITS]}, got {split!r}")
+  if num_problems is None:
+    space = [p for p in problem_space(num_numbers, max_number) if split_of(*p) == split]
+    num_problems = len(space)
+  rng = random.Random(f"countdown/{split}/{seed}")
+  seen, out = set(), []
+  for _ in range(50 * num_problems + 1000):
+    if len(out) == num_problems:
+      return out
+    drawn = _draw(rng, num_numbers, max_number)
+    if drawn is None or split_of(*drawn) != split or problem_key(*drawn) in seen:
+      continue
+    seen.add(problem_key(*drawn))
+    out.append(_problem(*drawn, rng))
+  rest = [
+    (list(n), t)
+    for n, t in problem_space(num_numbers, max_number)
+    if split_of(n, t) == split and problem_key(n, t) not in seen
+  ]
+  if len(out) + len(rest) < num_problems:
+    raise ValueError(
+      f"countdown split {split!r} holds {len(out) + len(rest)} distinct problems ({num_numbers} "
+      f"numbers in 1..{max_number}), fewer than the {num_problems} asked for"
+    )
+  rng.shuffle(rest)
+  return out + [_problem(n, t, rng) for n, t in rest[: num_problems - len(out)]]
 
 
 def generate(
@@ -101,8 +195,9 @@ def generate(
   max_number: int = 20,
   split: str | None = None,
 ) -> list[dict]:
-  """Generates `num_problems` solvable problems deterministically from `seed`; with `split`, only
-  problems of that side of the fixed train/test partition (`split_of`).
+  """Generates `num_problems` solvable problems deterministically from `seed`, repeats allowed (the
+  reference's SFT data: a problem drawn again gets another of its answers); with `split`, only problems
+  of that part of the fixed partition (`split_of`). `distinct` gives sets without repeats.
 
   Each problem draws `num_numbers` integers uniformly in [1, max_number], applies a random
   permutation and random operators, and keeps the result as target if it is a positive integer.
@@ -118,30 +213,15 @@ def generate(
     raise ValueError(f"num_numbers must be >= 1, got {num_numbers}")
   if max_number < 1:
     raise ValueError(f"max_number must be >= 1, got {max_number}")
-  if split not in (None, "train", "test"):
-    raise ValueError(f"countdown split must be 'train' or 'test', got {split!r}")
+  if split is not None and split not in dict(SPLITS):
+    raise ValueError(f"countdown split must be one of {[n for n, _ in SPLITS]}, got {split!r}")
   rng = random.Random(seed)
   problems = []
   while len(problems) < num_problems:
-    numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
-    order = rng.sample(numbers, len(numbers))
-    ops = [rng.choice(OPS) for _ in range(num_numbers - 1)]
-    value = _eval_flat(order, ops)
-    # Denominators stay positive, so the sign test on the numerator is valid.
-    if value is None or value[0] <= 0 or value[0] % value[1]:
+    drawn = _draw(rng, num_numbers, max_number)
+    if drawn is None or (split is not None and split_of(*drawn) != split):
       continue
-    target = value[0] // value[1]
-    if split is not None and split_of(numbers, target) != split:
-      continue
-    answer = rng.choice(solutions(numbers, target))
-    problems.append(
-      {
-        "prompt": prompt_for(numbers, target),
-        "answer": answer,
-        "numbers": numbers,
-        "target": target,
-      }
-    )
+    problems.append(_problem(*drawn, rng))
   return problems
 
 

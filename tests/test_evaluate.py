@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import math
 import os
 
 import jax
@@ -166,3 +167,30 @@ def test_rows_per_split_and_no_repeated_problem(tmp_path):
   gsm = dataclasses.replace(cfg, tasks=(f"gsm8k={path}",), splits=("test",), limit=None)
   [(label, problems)] = gsm.problem_sets()
   assert label == "gsm8k:gsm8k" and [p.prompt for p in problems] == [rows[0][0], rows[1][0]]
+
+
+def test_the_target_row_is_the_reference_tilted_by_beta(tmp_path):
+  beta = math.log(3.0)  # e^beta = 3: p = 1/2 -> p* = 3/4
+  records = {}
+  for i, c in enumerate((2, 0, 4)):
+    rewards = [1.0] * c + [0.0] * (4 - c)
+    steps = np.zeros((4, 3), np.int32)
+    for label in ("reference", "trafl"):
+      record = evaluate.problem_record(0.0, rewards, ["7"] * 4, ["a"] * 4, steps)
+      records[(label, "countdown", 16, f"p{i}")] = record
+  target = evaluate.target_summary([r for k, r in records.items() if k[0] == "reference"], beta)
+  assert target["pass@1"] == pytest.approx((0.75 + 0 + 1) / 3)
+  assert target["pass@2"] == pytest.approx((1 - 0.25**2 + 0 + 1) / 3)
+  assert target["pass@4"] == pytest.approx((1 - 0.25**4 + 0 + 1) / 3)
+  summary = evaluate._summaries(records, ["reference", "trafl"], target_beta=beta)
+  names = [r["checkpoint"] for r in summary["results"]]
+  assert names == ["reference", "target (beta=1.09861)", "trafl"]
+  reference, tilted = summary["results"][0], summary["results"][1]
+  assert all(tilted[f"pass@{k}"] >= reference[f"pass@{k}"] for k in (1, 2))
+  table = eval_report.markdown(summary)
+  assert "| target (beta=1.09861) | - | 0.583 |" in table
+  eval_report.plot(summary, str(tmp_path / "passk.png"))
+  assert (tmp_path / "passk.png").stat().st_size > 5000
+  assert "target" not in {
+    r["checkpoint"] for r in evaluate._summaries(records, ["trafl"], beta)["results"]
+  }

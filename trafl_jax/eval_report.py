@@ -23,6 +23,11 @@ def _ks(row: Mapping) -> list[int]:
   return sorted(int(k[len("pass@") :]) for k in row if k.startswith("pass@"))
 
 
+def _cell(row: Mapping, key: str, digits: int) -> str:
+  """A table cell; "-" where the row has no such figure (the target row has only pass@k)."""
+  return f"{row[key]:.{digits}f}" if key in row else "-"
+
+
 def markdown(summary: Mapping) -> str:
   rows = summary["results"]
   lines = ["# Evaluation", ""]
@@ -34,8 +39,8 @@ def markdown(summary: Mapping) -> str:
       header = ["checkpoint", "greedy"] + [f"pass@{k}" for k in ks] + [t for _, t in _DIVERSITY]
       lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
       for r in group:
-        cells = [r["checkpoint"], f"{r['greedy']:.3f}"] + [f"{r[f'pass@{k}']:.3f}" for k in ks]
-        cells += [f"{r[key]:.2f}" for key, _ in _DIVERSITY]
+        cells = [r["checkpoint"], _cell(r, "greedy", 3)] + [_cell(r, f"pass@{k}", 3) for k in ks]
+        cells += [_cell(r, key, 2) for key, _ in _DIVERSITY]
         lines.append("| " + " | ".join(cells) + " |")
       lines.append("")
   return "\n".join(lines)
@@ -50,7 +55,8 @@ def plot(summary: Mapping, path: str) -> None:
   for ax, (task, gen_length) in zip(axes.flat, panels):
     for r in (r for r in rows if r["task"] == task and r["gen_length"] == gen_length):
       ks = _ks(r)
-      ax.plot(ks, [r[f"pass@{k}"] for k in ks], marker="o", label=r["checkpoint"])
+      style = dict(linestyle="--", color="gray") if r.get("target") else dict(marker="o")
+      ax.plot(ks, [r[f"pass@{k}"] for k in ks], label=r["checkpoint"], **style)
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("k")

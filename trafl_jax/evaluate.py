@@ -250,8 +250,11 @@ def run(
   settings: model_lib.ModelSettings | None = None,
   layout: sharding.Layout | None = None,
   run_config: dict | None = None,
+  target_beta: float | None = None,
 ) -> dict:
   """Evaluates every checkpoint and writes eval.json, eval.md and passk.png; returns the summary.
+  With `target_beta`, the checkpoint labelled "reference" is followed by the tilted target's pass@k at
+  that beta (`target_summary`): the line TraFL should reach.
   Each checkpoint gives its model's shape; `settings` (a run's config: default, as stored) how it is
   computed, `layout` how it is sharded (default: data parallel over every device; an 8B model needs the
   run's FSDP split: replicated, its float32 parameters alone are 32 GB per device). `run_config` is
@@ -274,7 +277,7 @@ def run(
       done.update(evaluate_checkpoint(generator, label, cfg, workdir, progress))
   finally:
     progress.close()
-  summary = _summaries(done, labels)
+  summary = _summaries(done, labels, target_beta)
   if jax.process_index() == 0:
     eval_report.write_reports(summary, workdir, dataclasses.asdict(cfg))
   return summary
@@ -287,19 +290,44 @@ def _labels(checkpoints: Sequence[str]) -> list[str]:
   return names
 
 
-def _summaries(done: dict[tuple, dict], labels: Sequence[str]) -> dict:
+def target_summary(records: Sequence[dict], beta: float) -> dict:
+  """pass@k of the tilted target `p_ref(y|x) exp(beta r) / Z(x)` TraFL trains toward, from the
+  reference's per-problem counts: with `p = c / n` the reference's success rate on a problem, the target's
+  is `p* = p e^beta / (p e^beta + 1 - p)`, and its pass@k `1 - (1 - p*)^k` (a plug-in estimate: a problem
+  the reference never solved stays at 0), averaged over problems at the reference's k."""
+  n = min(r["n"] for r in records)
+  p = np.array([r["c"] / r["n"] for r in records], np.float64)
+  tilted = p * math.exp(beta) / (p * math.exp(beta) + 1.0 - p)
+  out = {"problems": len(records), "target": True, "beta": beta}
+  for k in ks_for(n):
+    out[f"pass@{k}"] = float(np.mean(1.0 - (1.0 - tilted) ** k))
+  return out
+
+
+def _summaries(
+  done: dict[tuple, dict],
+  labels: Sequence[str],
+  target_beta: float | None = None,
+  reference_label: str = "reference",
+) -> dict:
+  """Summary rows per (checkpoint, task, length); with `target_beta` and a checkpoint labelled
+  `reference_label`, each of its rows is followed by the tilted target's (`target_summary`)."""
   grouped: dict[tuple, list] = {}
   for (label, task, gen_length, _), record in done.items():
     if label in labels:
       grouped.setdefault((label, task, gen_length), []).append(record)
-  return {
-    "results": [
+  results = []
+  for (label, task, gen_length), records in sorted(
+    grouped.items(), key=lambda kv: (kv[0][1], kv[0][2], list(labels).index(kv[0][0]))
+  ):
+    results.append(
       {"checkpoint": label, "task": task, "gen_length": gen_length, **summarize(records)}
-      for (label, task, gen_length), records in sorted(
-        grouped.items(), key=lambda kv: (kv[0][1], kv[0][2], list(labels).index(kv[0][0]))
-      )
-    ]
-  }
+    )
+    if target_beta is not None and label == reference_label:
+      name = f"target (beta={target_beta:g})"
+      row = {"checkpoint": name, "task": task, "gen_length": gen_length}
+      results.append({**row, **target_summary(records, target_beta)})
+  return {"results": results}
 
 
 def main(argv) -> None:
@@ -323,6 +351,7 @@ def main(argv) -> None:
       settings=config_lib.model_settings(config),
       layout=config_lib.layout(config),
       run_config=config_lib.record(config),
+      target_beta=config.rl.beta,
     )
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -110,6 +110,7 @@ def evaluate_stage(config, checkpoints, workdir: str, labels=(), show_progress=T
     settings=config_lib.model_settings(config),
     layout=config_lib.layout(config),
     run_config=config_lib.record(config),
+    target_beta=config.rl.beta,  # the tilted target at the run's beta, beside the reference
   )
 
 

@@ -97,6 +97,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.objective = "trafl"  # trafl | diffu_grpo | elbo_grpo | wd1
   c.rl.beta = 2.0
   c.rl.length_normalize = False
+  # Mask and score the EOS fill with the answer: the answer's length is inside l (for every objective).
+  c.rl.score_eos_fill = True
   c.rl.estimator = "pair"  # pair | random_t | one_step
   c.rl.num_masks = 2
   c.rl.t_min = 0.2

@@ -1,12 +1,15 @@
 """The sequence-level surrogate l(y|x): scored positions, shared coupled masks, exactness, unbiasedness."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
-from trafl_jax import diffusion
+from trafl_jax import diffusion, objectives, rl
 from trafl_jax import model as model_lib
 
 from .conftest import small_model_config
@@ -132,3 +135,26 @@ def test_length_normalize_divides_by_scored_length():
   raw = diffusion.surrogate_from_log_probs(logp, masks, scored)
   normalized = diffusion.surrogate_from_log_probs(logp, masks, scored, length_normalize=True)
   np.testing.assert_allclose(normalized, raw / 6.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("score_eos_fill", [True, False])
+def test_the_eos_fill_is_masked_and_scored_with_the_answer(score_eos_fill):
+  """By default `l` covers the whole completion, the EOS fill included, so the answer's length is inside
+  the likelihood; `score_eos_fill=False` stops at the first EOS and leaves the fill visible."""
+  tokens, valid, completion = _batch(6, eos_at=2)  # two answer tokens, EOS, then three fill EOS
+  rollout = objectives.Rollout(tokens, valid, valid & ~completion, completion, jnp.zeros(2))
+  ocfg = objectives.ObjectiveConfig(score_eos_fill=score_eos_fill, num_masks=4)
+  state = rl.create_state(_params(0), optax.sgd(0.1), 1e-3, CFG.d_model, seed=0)
+  prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=1))
+  prepared = prepare(state, _params(1), rollout)
+  scored = np.asarray(prepared.scored_NxT)
+  fill = np.asarray(completion) & (np.arange(11) >= 5 + 3)
+  assert scored[:, 5:].sum(-1).tolist() == ([6, 6] if score_eos_fill else [3, 3])
+  masks = np.asarray(prepared.masks_IxKxNxT[0])
+  assert masks[:, fill].any() == score_eos_fill  # the fill is masked (predicted) only when scored
+  # l is the surrogate over exactly those positions, with those masks.
+  logp = diffusion.masked_token_log_probs(
+    _apply, state.params, tokens, valid, masks, CFG.mask_token_id
+  )
+  want = diffusion.surrogate_from_log_probs(logp, masks, jnp.asarray(scored))
+  np.testing.assert_allclose(np.asarray(prepared.l_old_IxN[0]), np.asarray(want), rtol=1e-5)

@@ -34,6 +34,9 @@ class ObjectiveConfig:
   objective: str = "trafl"
   beta: float = 1.0  # TraFL: target p_ref * exp(beta * r)
   length_normalize: bool = False  # divide l by L_y (FlowRL-style; changes the fixed point)
+  # The EOS fill after the answer is masked and scored with it, so `l` includes the answer's length (as
+  # the reference's SFT loss does); False scores up to the first EOS, the fill always visible.
+  score_eos_fill: bool = True
   estimator: str = "pair"  # pair | random_t | one_step
   num_masks: int = 2
   t_min: float = 0.2

@@ -233,9 +233,9 @@ def prepare(
   `ocfg.micro_batches > 1` (the masks are drawn for the whole batch first, so they do not depend on
   it)."""
   check_micro_batches(rollout.tokens_NxT.shape[0], ocfg.micro_batches)
-  scored_NxT = diffusion.scored_positions(
-    rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
-  )
+  scored_NxT = rollout.completion_NxT
+  if not ocfg.score_eos_fill:  # the answer up to its first EOS; the fill after it stays visible
+    scored_NxT = diffusion.scored_positions(scored_NxT, rollout.tokens_NxT, model.cfg.eos_token_id)
   rng = jax.random.fold_in(state.rng, state.step)
   estimator = objectives.estimator_of(ocfg)
 
@@ -348,7 +348,12 @@ def update(
       "rl/reward_mean": rewards_BxG.mean(),
       "rl/all_correct_groups": jnp.mean(jnp.all(rewards_BxG > 0, axis=1)),
       "rl/all_wrong_groups": jnp.mean(jnp.all(rewards_BxG <= 0, axis=1)),
-      "rl/completion_length": prepared.scored_NxT.sum(-1).astype(jnp.float32).mean(),
+      "rl/completion_length": diffusion.scored_positions(
+        rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
+      )
+      .sum(-1)
+      .astype(jnp.float32)
+      .mean(),  # the answer's length, up to and including its first EOS
     }
   )
   return state, metrics

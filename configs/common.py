@@ -104,6 +104,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.t_min = 0.2
   c.rl.t_max = 0.8
   c.rl.log_z = "mlp"  # mlp | batch_mean
+  # TraFL's loss: "square" (mean delta^2) or "product" (delta_A * delta_B over two independent halves
+  # of the masks: unbiased for the exact residual's square; pair needs num_masks 4, 8, ...).
+  c.rl.residual = "square"
   c.rl.log_z_lr = 1e-2
   c.rl.importance_weights = False
   c.rl.importance_clip = 0.2

@@ -23,6 +23,7 @@ PROMPT, COMPLETION = 5, 8
 CASES = {
   "trafl_mlp": dict(objective="trafl", log_z="mlp"),
   "trafl_batch_mean": dict(objective="trafl", log_z="batch_mean", importance_weights=True),
+  "trafl_product": dict(objective="trafl", residual="product", num_masks=4),
   "diffu_grpo": dict(objective="diffu_grpo"),
   "elbo_grpo": dict(objective="elbo_grpo"),
   "wd1": dict(objective="wd1"),

@@ -158,3 +158,52 @@ def test_the_eos_fill_is_masked_and_scored_with_the_answer(score_eos_fill):
   )
   want = diffusion.surrogate_from_log_probs(logp, masks, jnp.asarray(scored))
   np.testing.assert_allclose(np.asarray(prepared.l_old_IxN[0]), np.asarray(want), rtol=1e-5)
+
+
+def test_independent_halves_keep_a_pair_together():
+  a, b = diffusion.independent_halves("pair", 4)  # masks: M1, M2, ~M1, ~M2
+  assert a.tolist() == [0, 2] and b.tolist() == [1, 3]
+  a, b = diffusion.independent_halves("random_t", 4)
+  assert a.tolist() == [0, 2] and b.tolist() == [1, 3]
+  with pytest.raises(ValueError, match="multiple of 4"):
+    diffusion.independent_halves("pair", 2)  # a mask and its complement are not independent
+  with pytest.raises(ValueError, match="product residual"):
+    objectives.ObjectiveConfig(residual="product", num_masks=2)
+
+
+def test_the_product_residual_is_unbiased_for_the_exact_square():
+  """With the policy and the reference apart, the residual `delta = l_theta - l_ref` (log Z = 0, r = 0)
+  is noisy over the masks. Over many draws, `delta_A * delta_B` averages to `E[delta]^2` (the square
+  of the exact residual), while `delta^2` adds the masks' variance."""
+  tokens, valid, completion = _batch(6, batch=1)
+  scored = completion
+  theta, ref = _params(0), _params(1)
+  halves = diffusion.independent_halves("pair", 4)
+
+  @jax.jit
+  def deltas(key):
+    masks = diffusion.surrogate_masks(key, scored, "pair", 4)
+
+    def surrogate(params, idx):
+      m = masks[idx]
+      lp = diffusion.masked_token_log_probs(_apply, params, tokens, valid, m, CFG.mask_token_id)
+      return diffusion.surrogate_from_log_probs(lp, m, scored)[0]
+
+    return jnp.stack([surrogate(theta, h) - surrogate(ref, h) for h in halves])
+
+  d = np.asarray(jax.lax.map(deltas, jax.random.split(jax.random.PRNGKey(0), 4000)), np.float64)
+  exact_square = d.mean() ** 2  # E[delta]^2 from all 8,000 half-draws
+  product, square = (d[:, 0] * d[:, 1]).mean(), (d**2).mean()
+  noise = d.var()
+  assert noise > 0.05 * exact_square  # the masks' noise is not negligible here
+  assert abs(product - exact_square) < 4 * (d[:, 0] * d[:, 1]).std() / np.sqrt(len(d))
+  assert square == pytest.approx(exact_square + noise, rel=1e-6)  # the square's bias: Var_M
+  # The loss: trafl_product_loss is the mean product of the two residuals.
+  loss, _ = objectives.trafl_product_loss(
+    jnp.zeros(1),
+    jnp.asarray(d.T[:, None, :]),
+    jnp.zeros((2, 1, len(d))),
+    jnp.zeros((1, len(d))),
+    1.0,
+  )
+  assert float(loss) == pytest.approx(product, rel=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def forward_mask(
@@ -101,6 +102,22 @@ def surrogate_masks(
   if estimator == "pair":
     masks_KxBxT = jnp.concatenate([masks_KxBxT, ~masks_KxBxT & scored_BxT[None]], axis=0)
   return masks_KxBxT
+
+
+def independent_halves(estimator: str, num_masks: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of the masks of two independent halves A and B of `surrogate_masks`' K masks (each half
+  a whole number of draws: `pair` keeps a mask with its complement), for the product residual."""
+  if estimator == "pair" and num_masks % 4 == 0:
+    draw_K = np.arange(num_masks) % (num_masks // 2)  # masks k and k + K/2 are one draw
+  elif estimator == "random_t" and num_masks % 2 == 0:
+    draw_K = np.arange(num_masks)
+  else:
+    raise ValueError(
+      f"the product residual needs two independent halves of the masks: estimator 'pair' with "
+      f"num_masks a multiple of 4, or 'random_t' with an even num_masks (got {estimator!r}, "
+      f"{num_masks})"
+    )
+  return np.flatnonzero(draw_K % 2 == 0), np.flatnonzero(draw_K % 2 == 1)
 
 
 def surrogate_from_log_probs(

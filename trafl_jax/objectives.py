@@ -17,6 +17,7 @@ Dimension legend:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,7 @@ from flax import struct
 from trafl_jax import diffusion
 
 LOG_Z_KINDS = ("mlp", "batch_mean")
+RESIDUALS = ("square", "product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ObjectiveConfig:
   t_min: float = 0.2
   t_max: float = 0.8
   log_z: str = "mlp"  # mlp | batch_mean
+  # TraFL's loss: "square" = mean(w delta^2) with the surrogate over all masks; "product" = mean(w delta_A
+  # delta_B) over two independent halves of the masks, unbiased for the square of the exact residual
+  # (E[delta^2] adds the masks' variance: a pull toward the reference).
+  residual: str = "square"
   importance_weights: bool = False  # TraFL with num_inner_updates > 1
   importance_clip: float = 0.2
   clip_eps: float = 0.5  # GRPO baselines' PPO clip
@@ -56,6 +62,12 @@ class ObjectiveConfig:
       raise ValueError(f"log_z {self.log_z!r} is not one of {LOG_Z_KINDS}")
     if self.beta <= 0:
       raise ValueError(f"beta must be positive, got {self.beta}")
+    if self.residual not in RESIDUALS:
+      raise ValueError(f"residual {self.residual!r} is not one of {RESIDUALS}")
+    if self.residual == "product":
+      if self.objective != "trafl":
+        raise ValueError("residual 'product' is TraFL's; the other objectives have no residual")
+      diffusion.independent_halves(self.estimator, self.num_masks)  # names what does not split
     if self.micro_batches < 1:
       raise ValueError(f"micro_batches must be at least 1, got {self.micro_batches}")
 
@@ -106,6 +118,20 @@ def trafl_loss(log_z_B, l_theta_BxG, l_ref_BxG, rewards_BxG, beta, weights_BxG=N
     "trafl/log_z_max": log_z_B.max(),
   }
   return loss, metrics
+
+
+def trafl_product_loss(log_z_B, l_theta_2xBxG, l_ref_2xBxG, rewards_BxG, beta, weights_BxG=None):
+  """`mean(w delta_A delta_B)`: the residuals of two independent mask draws A and B. Their product's
+  expectation is the square of the exact residual (`E[delta_A] E[delta_B] = delta_S^2`), where
+  `E[delta^2] = delta_S^2 + Var_M(l_theta - l_ref)` also minimizes the mask noise."""
+  delta_A = trafl_residual(log_z_B, l_theta_2xBxG[0], l_ref_2xBxG[0], rewards_BxG, beta)
+  delta_B = trafl_residual(log_z_B, l_theta_2xBxG[1], l_ref_2xBxG[1], rewards_BxG, beta)
+  w_BxG = jnp.ones_like(delta_A) if weights_BxG is None else weights_BxG
+  product = delta_A * delta_B
+  return jnp.mean(w_BxG * product), {
+    "trafl/residual_product": product.mean(),
+    "trafl/mask_noise": jnp.mean(0.5 * (delta_A - delta_B) ** 2),  # E: Var_M of one draw's delta
+  }
 
 
 def group_advantages(rewards_BxG):
@@ -178,7 +204,8 @@ class Prepared(struct.PyTreeNode):
   l_ref_IxN: jax.Array
   logp_old_IxNxT: jax.Array
   logp_ref_IxNxT: jax.Array
-  scored_NxT: jax.Array  # the completion up to its first EOS: what the likelihoods score
+  l_ref_Ix2xN: jax.Array  # the reference's surrogate on each of two independent halves of the masks
+  scored_NxT: jax.Array  # what the likelihoods score: the completion (or up to its first EOS)
 
 
 class Rows(struct.PyTreeNode):
@@ -195,6 +222,7 @@ class Rows(struct.PyTreeNode):
   l_ref_N: jax.Array
   logp_old_NxT: jax.Array
   logp_ref_NxT: jax.Array
+  l_ref_2xN: jax.Array
   scored_NxT: jax.Array
 
   @classmethod
@@ -211,22 +239,37 @@ class Rows(struct.PyTreeNode):
       l_ref_N=prepared.l_ref_IxN[i],
       logp_old_NxT=prepared.logp_old_IxNxT[i],
       logp_ref_NxT=prepared.logp_ref_IxNxT[i],
+      l_ref_2xN=prepared.l_ref_Ix2xN[i],
       scored_NxT=prepared.scored_NxT,
     )
 
 
+class Likelihood(struct.PyTreeNode):
+  """What an estimator's `score` gives: `l` per row, per-token log-probabilities (a `token`
+  estimator's; zeros for `sequence`), and `l` on each of two independent halves of the masks (the
+  `product` residual's; the same `l` twice where the masks do not split)."""
+
+  l_N: jax.Array
+  logp_NxT: jax.Array
+  l_2xN: jax.Array
+
+
 class Terms(struct.PyTreeNode):
-  """What the loss reads of the policy: `l_theta` per row, per-token log-probabilities (a `token`
-  estimator's), and the learned log Z per prompt (empty when the objective has none)."""
+  """What the loss reads of the policy: `l_theta` per row (and on two independent halves of the
+  masks), per-token log-probabilities (a `token` estimator's), and the learned log Z per prompt
+  (empty when the objective has none)."""
 
   l_theta_N: jax.Array
   logp_NxT: jax.Array
   log_z_B: jax.Array
+  l_theta_2xN: jax.Array
 
 
 def _row_axis(name: str) -> int:
-  """Where a field's N axis is: the axis of the 'N' in its shape suffix (masks_KxNxT: 1)."""
-  return name.rsplit("_", 1)[1].split("x").index("N")
+  """Where a field's row axis is: the axis of the 'N' (rows) or 'B' (prompts) in its shape suffix
+  (masks_KxNxT: 1)."""
+  dims = name.rsplit("_", 1)[1].split("x")
+  return dims.index("N") if "N" in dims else dims.index("B")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +297,7 @@ def _apply_fn(model):
   return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
 
 
-def _score_masked_copies(model, params, rows: Rows, ocfg):
+def _score_masked_copies(model, params, rows: Rows, ocfg) -> Likelihood:
   """`l(y|x)`: the surrogate over the K masked copies (TraFL, elbo_grpo, wd1)."""
   logp_KxNxT = diffusion.masked_token_log_probs(
     _apply_fn(model),
@@ -264,10 +307,22 @@ def _score_masked_copies(model, params, rows: Rows, ocfg):
     rows.masks_KxNxT,
     model.cfg.mask_token_id,
   )
-  l_N = diffusion.surrogate_from_log_probs(
-    logp_KxNxT, rows.masks_KxNxT, rows.scored_NxT, ocfg.length_normalize
+  surrogate = functools.partial(
+    diffusion.surrogate_from_log_probs,
+    scored_BxT=rows.scored_NxT,
+    length_normalize=ocfg.length_normalize,
   )
-  return l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32)
+  l_N = surrogate(logp_KxNxT, rows.masks_KxNxT)
+  halves_2xN = jnp.stack([l_N, l_N])
+  if ocfg.residual == "product":
+    a, b = diffusion.independent_halves(ocfg.estimator, ocfg.num_masks)
+    halves_2xN = jnp.stack(
+      [
+        surrogate(logp_KxNxT[a], rows.masks_KxNxT[a]),
+        surrogate(logp_KxNxT[b], rows.masks_KxNxT[b]),
+      ]
+    )
+  return Likelihood(l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32), halves_2xN)
 
 
 def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
@@ -278,12 +333,13 @@ def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
   return masks, diffusion.apply_mask(rollout.tokens_NxT, masked, mask_id)
 
 
-def _score_one_step(model, params, rows: Rows, ocfg):
+def _score_one_step(model, params, rows: Rows, ocfg) -> Likelihood:
   """Per-token log-probabilities of one pass with the completion masked (diffu-GRPO)."""
   del ocfg
   logits = model.apply({"params": params}, rows.inputs_NxT, rows.valid_NxT)
   logp_NxT = diffusion.token_log_probs(logits, rows.tokens_NxT)
-  return jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1), logp_NxT
+  l_N = jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1)
+  return Likelihood(l_N, logp_NxT, jnp.stack([l_N, l_N]))
 
 
 ESTIMATORS = {
@@ -320,7 +376,15 @@ def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
   weights = None
   if ocfg.importance_weights:
     weights = importance_weights(l_theta, _grouped(rows.l_old_N, group_size), ocfg.importance_clip)
-  return trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+  loss, metrics = trafl_loss(log_z_B, l_theta, l_ref, rewards_BxG, ocfg.beta, weights)
+  if ocfg.residual == "product":
+    l_theta_2xBxG = terms.l_theta_2xN.reshape(2, -1, group_size)
+    l_ref_2xBxG = rows.l_ref_2xN.reshape(2, -1, group_size)
+    loss, extra = trafl_product_loss(
+      log_z_B, l_theta_2xBxG, l_ref_2xBxG, rewards_BxG, ocfg.beta, weights
+    )
+    metrics.update(extra)
+  return loss, metrics
 
 
 def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):

@@ -183,6 +183,17 @@ def _merge_rows(x, axis: int = 0):
   return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
 
 
+def merge_micro_batches(node):
+  """The inverse of `split_micro_batches` on a scan's stacked (small, per-row) outputs: every field's
+  leading M axis merged back into its row axis, read from its name."""
+  return node.replace(
+    **{
+      f.name: _merge_rows(getattr(node, f.name), objectives._row_axis(f.name))
+      for f in dataclasses.fields(node)
+    }
+  )
+
+
 def split_micro_batches(node, micro_batches: int):
   """A PyTreeNode of row-indexed fields -> the same node with a leading M axis on every field (each
   field split on its own N axis, read from its name)."""
@@ -210,15 +221,14 @@ def check_micro_batches(rows: int, micro_batches: int, group_size: int | None = 
     )
 
 
-def _likelihoods(model, params, rows: objectives.Rows, ocfg):
-  """The objective's estimator's `(l_N, logp_NxT)` of `params`, over `ocfg.micro_batches` consecutive
-  row ranges in turn (a `lax.map`) when it is above 1, so only one micro-batch's activations are alive
-  at a time; the same values as one pass."""
+def _likelihoods(model, params, rows: objectives.Rows, ocfg) -> objectives.Likelihood:
+  """The objective's estimator's likelihoods of `params`, over `ocfg.micro_batches` consecutive row
+  ranges in turn (a `lax.map`) when it is above 1, so only one micro-batch's activations are alive at a
+  time; the same values as one pass."""
   score = functools.partial(objectives.estimator_of(ocfg).score, model, params, ocfg=ocfg)
   if ocfg.micro_batches == 1:
     return score(rows)
-  l_MxN, logp_MxNxT = jax.lax.map(score, split_micro_batches(rows, ocfg.micro_batches))
-  return _merge_rows(l_MxN), _merge_rows(logp_MxNxT)
+  return merge_micro_batches(jax.lax.map(score, split_micro_batches(rows, ocfg.micro_batches)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,17 +265,27 @@ def prepare(
       l_ref_N=None,
       logp_old_NxT=None,
       logp_ref_NxT=None,
+      l_ref_2xN=None,
       scored_NxT=scored_NxT,
     )
-    l_old, logp_old = _likelihoods(model, state.params, rows, ocfg)
-    l_ref, logp_ref = _likelihoods(model, ref_params, rows, ocfg)
-    return masks, inputs, l_old, l_ref, logp_old, logp_ref
+    old = _likelihoods(model, state.params, rows, ocfg)
+    ref = _likelihoods(model, ref_params, rows, ocfg)
+    return objectives.Prepared(
+      masks_IxKxNxT=masks,
+      inputs_IxNxT=inputs,
+      l_old_IxN=old.l_N,
+      l_ref_IxN=ref.l_N,
+      logp_old_IxNxT=old.logp_NxT,
+      logp_ref_IxNxT=ref.logp_NxT,
+      l_ref_Ix2xN=ref.l_2xN,
+      scored_NxT=None,
+    )
 
   # A loop, not an unrolled list: unrolled, XLA kept every iteration's activations alive at once
   # (diffu_grpo with d1's 12 inner updates: 28 GiB of temporaries a device on v4-32, not 8;
   # docs/scaling.md).
-  stacked = jax.lax.map(one, jnp.arange(num_inner))
-  return jax.lax.stop_gradient(objectives.Prepared(*stacked, scored_NxT=scored_NxT))
+  stacked = jax.lax.map(one, jnp.arange(num_inner))  # one update's fields, stacked on I
+  return jax.lax.stop_gradient(stacked.replace(scored_NxT=scored_NxT))
 
 
 def _constrain_like_params(model, tree):
@@ -308,11 +328,16 @@ def update(
       hidden_BxTxD = jax.lax.stop_gradient(hidden)
 
     def loss_fn(params, log_z_params):
-      l_theta_N, logp_NxT = score(model, params, mb, ocfg)
+      likelihood = score(model, params, mb, ocfg)
       log_z_B = jnp.zeros((0,))
       if objectives.learned_log_z(ocfg):
         log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
-      terms = objectives.Terms(l_theta_N=l_theta_N, logp_NxT=logp_NxT, log_z_B=log_z_B)
+      terms = objectives.Terms(
+        l_theta_N=likelihood.l_N,
+        logp_NxT=likelihood.logp_NxT,
+        log_z_B=log_z_B,
+        l_theta_2xN=likelihood.l_2xN,
+      )
       return objectives.objective_loss(ocfg, terms, mb, g)[0], terms
 
     return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
@@ -329,7 +354,7 @@ def update(
     zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
     zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
     (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
-    terms = jax.tree.map(_merge_rows, terms)
+    terms = merge_micro_batches(terms)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
   loss, metrics = objectives.objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

@@ -79,7 +79,10 @@ COMPARED = ("rl/loss", "rl/reward_mean", "rl/kl_estimate", "trafl/log_z_mean", "
 def _assert_same(a: dict[int, dict], b: dict[int, dict], steps, tol: float) -> None:
   for step in steps:
     for key in COMPARED:
-      assert abs(a[step][key] - b[step][key]) <= tol * max(1.0, abs(a[step][key])), (
+      # The gradient norm sums every parameter's squared gradient in a layout-dependent order, and the
+      # steps compound it: 1 x 8 vs 2 x 4 measured up to 1.4e-5 relative by step 10 (losses 3e-7).
+      bound = tol * (10 if key == "rl/grad_norm" else 1)
+      assert abs(a[step][key] - b[step][key]) <= bound * max(1.0, abs(a[step][key])), (
         f"step {step} {key}: {a[step][key]} vs {b[step][key]}"
       )
 
@@ -197,7 +200,9 @@ def test_the_whole_main_job_runs_on_two_processes(tmp_path):
   out = _finish(_launch(2, 4, flags, tmp_path), tmp_path)
   assert "reports:" in out
   summary = json.loads((workdir / "eval" / "eval.json").read_text())
-  assert {r["checkpoint"] for r in summary["results"]} == {"reference", "trafl"}
+  rows = {r["checkpoint"] for r in summary["results"]}
+  # The target row (the reference tilted at the run's beta) comes with the reference.
+  assert rows == {"reference", "target (beta=2)", "trafl"}
   records = [json.loads(line) for line in (workdir / "eval" / "eval_records.jsonl").open()]
   keys = [(r["checkpoint"], r["task"], r["gen_length"], r["id"]) for r in records]
   assert len(keys) == len(set(keys)) == 2 * 6  # two checkpoints x 6 problems, each written once

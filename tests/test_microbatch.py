@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 from trafl_jax import model as model_lib
-from trafl_jax import objectives, posttrain, rl, sharding
+from trafl_jax import objectives, rl, sharding
 
 from .conftest import small_model_config
 
@@ -136,7 +136,7 @@ def test_sharded_micro_batches_match_one_pass():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.device_put(dataclasses.replace(state, tx=tx), shardings)
       ref_params = jax.device_put(ref_params, shardings.params)
-      global_batch = posttrain.global_rows(batch, mesh, rules)
+      global_batch = sharding.global_batch(batch, mesh, rules)
       prepared = prepare(state, ref_params, global_batch)
       state, metrics = update(state, global_batch, prepared, 0)
     assert state.params["wte"].sharding == shardings.params["wte"]

@@ -237,7 +237,7 @@ def bench_rl(
     t1 = time.perf_counter()
     rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
     t2 = time.perf_counter()
-    batch = posttrain.global_rows(
+    batch = sharding.global_batch(
       posttrain.assemble_rollout(prompt, valid, completion, rewards), mesh, rules
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -20,7 +20,7 @@ import jax
 from absl import logging
 
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import metrics
+from trafl_jax import metrics, sharding
 
 CONFIG_FILE = "config.json"
 
@@ -78,7 +78,7 @@ class Loop:
     if latest is None:
       return state, iterator
     logging.info("resuming %s from %s/%d", self.cfg.stage, self.checkpointer.directory, latest)
-    return self.checkpointer.restore(latest, _abstract(state), iterator, self.run_config)
+    return self.checkpointer.restore(latest, sharding.abstract(state), iterator, self.run_config)
 
   def run(
     self,
@@ -139,7 +139,3 @@ class Loop:
       progress.close()
       self.writer.close()
     return state, last
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -122,16 +122,6 @@ def assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N) -> object
   )
 
 
-def global_rows(tree, mesh, rules):
-  """Each process's rows of every leaf (row-major) assembled into global arrays on the batch axes."""
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh, rules, x.ndim), x
-    ),
-    tree,
-  )
-
-
 # ----------------------------------------------------------------------------------------------
 # The jitted steps, shared with scripts/memory_plan.py
 
@@ -199,10 +189,6 @@ def compiled_memory(compiled) -> dict[str, int]:
     "temp": int(m.temp_size_in_bytes),
     "code": int(m.generated_code_size_in_bytes),
   }
-
-
-def abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +279,7 @@ class PostTraining:
       [self.train.ids[i] for i in idx], local, self.train.width
     )
     prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
-    prompts = global_rows((prompt_NxP, valid_NxP), mesh, rules)
+    prompts = sharding.global_batch((prompt_NxP, valid_NxP), mesh, rules)
     key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
     completion, _ = self.steps.generate(params, *prompts, key)
     completion_NxL = sharding.local_rows(completion)
@@ -302,7 +288,7 @@ class PostTraining:
     owners = [self.train.problems[i] for i in idx for _ in range(g)]
     rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
     t2 = time.perf_counter()
-    rollout = global_rows(
+    rollout = sharding.global_batch(
       assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N), mesh, rules
     )
     return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1)
@@ -313,7 +299,7 @@ class PostTraining:
     if step == 0 and objectives.learned_log_z(self.pcfg.ocfg):
       state = steps.init_log_z_bias(state, rollout.rewards_N)  # the global batch's mean beta * r
     prepared = steps.prepare(state, self.ref_params, rollout)
-    args = abstract((state, self.ref_params, rollouts.prompts, rollout, prepared))
+    args = sharding.abstract((state, self.ref_params, rollouts.prompts, rollout, prepared))
     for i in range(self.pcfg.num_inner_updates):
       state, step_metrics = steps.update(state, rollout, prepared, i)
     if not self._memory_written:  # after the first calls: the lowering finds them compiled

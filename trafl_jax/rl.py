@@ -295,6 +295,25 @@ def _constrain_like_params(model, tree):
   return jax.tree.map(nn.with_logical_constraint, tree, specs)
 
 
+def _accumulated(micro_step, state: RLState, rows: objectives.Rows, m: int, model):
+  """`(terms, (grads, log_z_grads))` of the whole batch: one `micro_step` when `m` is 1, else the mean
+  of its gradients over `m` micro-batches (a `lax.scan`; one micro-batch's activations alive at a
+  time), the terms merged back into row order."""
+  if m == 1:
+    (_, terms), grads = micro_step(state.params, state.log_z, rows)
+    return terms, grads
+
+  def accumulate(carry, mb):
+    (_, terms), step_grads = micro_step(state.params, state.log_z, mb)
+    carry = jax.tree.map(lambda acc, x: acc + x / m, carry, step_grads)
+    return (_constrain_like_params(model, carry[0]), carry[1]), terms
+
+  zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
+  zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
+  grads, terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
+  return merge_micro_batches(terms), grads
+
+
 def update(
   state: RLState,
   rollout: objectives.Rollout,
@@ -342,19 +361,7 @@ def update(
 
     return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
 
-  if m == 1:
-    (_, terms), (grads, log_z_grads) = micro_step(state.params, state.log_z, rows)
-  else:
-
-    def accumulate(carry, mb):
-      (_, terms), step_grads = micro_step(state.params, state.log_z, mb)
-      carry = jax.tree.map(lambda acc, x: acc + x / m, carry, step_grads)
-      return (_constrain_like_params(model, carry[0]), carry[1]), terms
-
-    zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
-    zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
-    (grads, log_z_grads), terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
-    terms = merge_micro_batches(terms)
+  terms, (grads, log_z_grads) = _accumulated(micro_step, state, rows, m, model)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
   loss, metrics = objectives.objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

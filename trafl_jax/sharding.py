@@ -110,12 +110,18 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh, rules: Rules) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays sharded on the batch axes."""
-  return {
-    key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
-    for key, value in local_batch.items()
-  }
+def global_batch(local_batch, mesh, rules: Rules):
+  """Assembles each process's rows (every leaf of a pytree: a dict of arrays, a rollout node)
+  into global arrays sharded on the batch axes."""
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x),
+    local_batch,
+  )
+
+
+def abstract(tree):
+  """`ShapeDtypeStruct`s with the arrays' shardings: what to restore into, or lower a step for."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def check_divisible(shape: Sequence[int], sharding: NamedSharding, what: str) -> None:

@@ -235,7 +235,7 @@ def run(
   state, iterator = scaffold.restore(state, iterator)
   if not resumed and cfg.init_checkpoint:
     logging.info("initializing parameters from %s", cfg.init_checkpoint)
-    params = ckpt_lib.restore_params(cfg.init_checkpoint, loop._abstract(state.params))
+    params = ckpt_lib.restore_params(cfg.init_checkpoint, sharding.abstract(state.params))
     state = state.replace(params=params)
 
   batch_shapes = {k: ((cfg.data.batch_size,) + v.shape[1:], v.dtype) for k, v in arrays.items()}

@@ -1,0 +1,203 @@
+"""The staged, resumable TraFL sweep of issue 11: settings chosen on the post-training probe, never on the
+held-out test.
+
+  python scripts/sweep.py --workdir=runs/sweep --stage=screen --reference=runs/math/reference
+  python scripts/sweep.py --workdir=runs/sweep --stage=seeds --settings=lr1e-3,diffu_grpo_d1 --seeds=0,1,2
+
+Every run is `configs/math.py` post-training from one shared reference with a named setting's overrides
+(`SETTINGS`), in `<workdir>/runs/<setting>_s<seed>/`; every evaluation goes to one records file,
+`<workdir>/<stage>_eval/eval_records.jsonl`, so the reference is evaluated once and an interrupted run or
+evaluation resumes where it stopped. A run whose checkpoint is final and whose records are complete is
+skipped. After each run the stage's table is rewritten: `<workdir>/<stage>.md` and `<stage>.json`
+(per setting: pass@1 and pass@k_max, the reference's and the tilted target's at the setting's beta on the
+same problems, the fraction of the gap to the target closed at pass@1, and the last logged training
+metrics).
+
+Stages:
+  screen  seed 0; the probe of post-training prompts only ("train" split), length 16, 16 samples.
+  seeds   --seeds; the held-out test and the probe, length 16, --eval_samples samples (pass@k to 64).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import math as math_config  # noqa: E402
+from trafl_jax import cli, evaluate, jsonl, pipeline  # noqa: E402
+
+# Overrides of configs/math.py per setting ("rl.lr": 1e-3 sets config.rl.lr).
+SETTINGS: dict[str, dict] = {
+  "base": {},
+  "lr3e-4": {"rl.lr": 3e-4},
+  "lr1e-3": {"rl.lr": 1e-3},
+  "lr1e-3_batch_mean": {"rl.lr": 1e-3, "rl.log_z": "batch_mean"},
+  "lr1e-3_product": {"rl.lr": 1e-3, "rl.residual": "product", "rl.num_masks": 4},
+  "lr1e-3_beta4": {"rl.lr": 1e-3, "rl.beta": 4.0},
+  "lr1e-3_400": {"rl.lr": 1e-3, "rl.num_steps": 400},
+  "diffu_grpo": {"rl.objective": "diffu_grpo"},
+  "elbo_grpo": {"rl.objective": "elbo_grpo"},
+  "wd1": {"rl.objective": "wd1"},
+}
+STAGES = ("screen", "seeds")
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Where everything goes.")
+_STAGE = flags.DEFINE_enum(
+  "stage", "screen", STAGES, "screen: seed 0 on the probe; seeds: test+probe."
+)
+_SETTINGS = flags.DEFINE_list("settings", [], "Settings to run (default: all of SETTINGS).")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Post-training seeds (the screen uses the first).")
+_REFERENCE = flags.DEFINE_string(
+  "reference", "", "Reference checkpoint (default: trained into <workdir>/reference by the config)."
+)
+_SAMPLES = flags.DEFINE_integer("eval_samples", 16, "Samples per problem (pass@k up to this k).")
+_LIMIT = flags.DEFINE_integer("eval_limit", 200, "Problems per evaluation split.")
+_VARIANT = flags.DEFINE_string("variant", "", "configs/math.py variant (tiny: a smoke test).")
+
+
+def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, variant: str = ""):
+  """configs/math.py with the setting's overrides and the stage's evaluation grid."""
+  if name not in SETTINGS:
+    raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
+  config = math_config.get_config(variant or None)
+  with config.unlocked():
+    config.seed = seed
+    config.train.progress = False
+    config.eval.gen_lengths = (16,)
+    config.eval.num_samples = samples
+    config.eval.limit = limit
+    config.eval.splits = ("train",) if stage == "screen" else ("test", "train")
+    for key, value in SETTINGS[name].items():
+      section, field = key.split(".")
+      if field not in config[section]:
+        raise ValueError(f"setting {name!r}: config.{key} does not exist")
+      config[section][field] = value
+  return config
+
+
+def _last_metrics(run_dir: str, keys=("rl/reward_mean", "rl/kl_estimate")) -> dict:
+  """Means of `keys` over the last 20 logged steps of a run's metrics.jsonl."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  rows = [r for _, r in jsonl.read(path, skip_corrupt=True)] if os.path.exists(path) else []
+  out = {}
+  for key in keys:
+    values = [r[key] for r in rows if key in r][-20:]
+    if values:
+      out[key] = float(np.mean(values))
+  return out
+
+
+def _pass_at(records: list[dict], k: int) -> float:
+  return float(np.mean([evaluate.pass_at_k(r["n"], r["c"], k) for r in records]))
+
+
+def _target_pass(reference: list[dict], beta: float, k: int) -> float:
+  p = np.array([r["c"] / r["n"] for r in reference])
+  tilted = p * math.exp(beta) / (p * math.exp(beta) + 1.0 - p)
+  return float(np.mean(1.0 - (1.0 - tilted) ** k))
+
+
+def table(records: list[dict], runs: list[tuple[str, str, float]]) -> tuple[str, list[dict]]:
+  """One row per (run, task): pass@1 / pass@k_max vs the reference and the target on the same
+  problems, and the fraction of the reference-to-target gap closed at pass@1."""
+  rows = []
+  for label, run_dir, beta in runs:
+    for task in sorted({r["task"] for r in records if r["checkpoint"] == label}):
+      mine = {r["id"]: r for r in records if r["checkpoint"] == label and r["task"] == task}
+      ref = [
+        r
+        for r in records
+        if r["checkpoint"] == "reference" and r["task"] == task and r["id"] in mine
+      ]
+      if not ref:
+        continue
+      k = min(r["n"] for r in ref)
+      policy = [mine[r["id"]] for r in ref]
+      p1, pk = _pass_at(policy, 1), _pass_at(policy, k)
+      r1, rk = _pass_at(ref, 1), _pass_at(ref, k)
+      t1, tk = _target_pass(ref, beta, 1), _target_pass(ref, beta, k)
+      rows.append(
+        dict(
+          run=label,
+          task=task,
+          problems=len(ref),
+          beta=beta,
+          k=k,
+          pass1=p1,
+          passk=pk,
+          reference_pass1=r1,
+          reference_passk=rk,
+          target_pass1=t1,
+          target_passk=tk,
+          gap_closed=(p1 - r1) / (t1 - r1) if t1 > r1 else float("nan"),
+          **_last_metrics(run_dir),
+        )
+      )
+  lines = [
+    "| run | task | problems | pass@1 | ref | target | gap closed | pass@k | ref | target "
+    "| reward (last 20) | l_theta - l_ref |",
+    "|" + "---|" * 12,
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['run']} | {r['task']} | {r['problems']} | {r['pass1']:.3f} | {r['reference_pass1']:.3f} "
+      f"| {r['target_pass1']:.3f} | {r['gap_closed']:.2f} | {r['passk']:.3f} "
+      f"| {r['reference_passk']:.3f} | {r['target_passk']:.3f} "
+      f"| {r.get('rl/reward_mean', float('nan')):.3f} | {r.get('rl/kl_estimate', float('nan')):.3f} |"
+    )
+  return "\n".join(lines) + "\n", rows
+
+
+def main(argv):
+  del argv
+  cli.quiet_libraries()
+  workdir = os.path.abspath(_WORKDIR.value)
+  stage = _STAGE.value
+  names = _SETTINGS.value or list(SETTINGS)
+  seeds = [int(s) for s in _SEEDS.value]
+  if stage == "screen":
+    seeds = seeds[:1]
+
+  def config_of(name, seed):
+    return setting_config(name, seed, stage, _SAMPLES.value, _LIMIT.value, _VARIANT.value)
+
+  reference = os.path.abspath(_REFERENCE.value) if _REFERENCE.value else ""
+  if not reference:
+    base = config_of("base", 0)
+    with base.unlocked():
+      base.stages = ("reference",)
+    pipeline.run(base, workdir)  # trained once, skipped when finished
+    reference = os.path.join(workdir, "reference")
+  eval_dir = os.path.join(workdir, f"{stage}_eval")
+  runs = []
+  for name in names:
+    for seed in seeds:
+      config = config_of(name, seed)
+      label = f"{name}/s{seed}"
+      run_dir = os.path.join(workdir, "runs", f"{name}_s{seed}")
+      if not pipeline._finished(run_dir, config.rl.num_steps):
+        logging.info("post-training %s in %s", label, run_dir)
+        pipeline.posttrain_stage(config, run_dir, reference)
+      runs.append((label, run_dir, float(config.rl.beta)))
+      # Records already written (the reference's, earlier runs') are reused, not recomputed.
+      pipeline.evaluate_stage(
+        config, [reference, run_dir], eval_dir, ["reference", label], show_progress=False
+      )
+      records = [r for _, r in jsonl.read(os.path.join(eval_dir, evaluate.RECORDS_FILE))]
+      text, rows = table(records, runs)
+      with open(os.path.join(workdir, f"{stage}.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+      with open(os.path.join(workdir, f"{stage}.json"), "w", encoding="utf-8") as f:
+        json.dump({"reference": reference, "rows": rows, "settings": SETTINGS}, f, indent=2)
+      print(text, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -39,6 +39,13 @@ SETTINGS: dict[str, dict] = {
   "lr3e-4": {"rl.lr": 3e-4},
   "lr1e-3": {"rl.lr": 1e-3},
   "lr1e-3_batch_mean": {"rl.lr": 1e-3, "rl.log_z": "batch_mean"},
+  "lr3e-4_batch_mean": {"rl.lr": 3e-4, "rl.log_z": "batch_mean"},
+  "lr3e-4_batch_mean_product": {
+    "rl.lr": 3e-4,
+    "rl.log_z": "batch_mean",
+    "rl.residual": "product",
+    "rl.num_masks": 4,
+  },
   "lr1e-3_product": {"rl.lr": 1e-3, "rl.residual": "product", "rl.num_masks": 4},
   "lr1e-3_beta4": {"rl.lr": 1e-3, "rl.beta": 4.0},
   "lr1e-3_400": {"rl.lr": 1e-3, "rl.num_steps": 400},

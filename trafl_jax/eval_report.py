@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
+import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
@@ -182,12 +183,13 @@ def plot(summary: Mapping, path: str, analysis: Mapping | None = None) -> None:
 
 def _axes(ax, title: str, ylabel: str) -> None:
   ax.set_xscale("log", base=2)
-  ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # 16, not 2^4
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))  # 16, not 2^4
   ax.set_xlabel("k")
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
 
 
 def _styles(analysis: Mapping) -> dict[str, dict]:
@@ -208,18 +210,20 @@ def _styles(analysis: Mapping) -> dict[str, dict]:
 def plot_groups(analysis: Mapping, path: str) -> None:
   """Per task x length: pass@k per group with its band above, pass@k minus the reference's below."""
   rows, styles = analysis["rows"], _styles(analysis)
-  fig, axes = plt.subplots(2, len(rows), figsize=(4.5 * len(rows), 7.0), squeeze=False)
+  paired = any("diff_vs_reference" in m for row in rows for m in row["models"])
+  fig, axes = plt.subplots(1 + paired, len(rows), figsize=(4.5 * len(rows), 3.5 * (1 + paired)))
+  axes = np.asarray(axes).reshape(1 + paired, len(rows))
   for col, row in enumerate(rows):
     ks, title = row["k"], f"{row['task']}, length {row['gen_length']}"
-    top, bottom = axes[0, col], axes[1, col]
     for m in row["models"]:
-      _line(top, ks, m["pass@k"], m["name"], styles[m["name"]])
+      _line(axes[0, col], ks, m["pass@k"], m["name"], styles[m["name"]])
       if "diff_vs_reference" in m:
-        _line(bottom, ks, m["diff_vs_reference"], m["name"], styles[m["name"]])
-    top.set_ylim(0, 1)
-    _axes(top, title, "pass@k")
-    bottom.axhline(0.0, color="black", linewidth=0.8)
-    _axes(bottom, title, "pass@k − reference (paired)")
+        _line(axes[1, col], ks, m["diff_vs_reference"], m["name"], styles[m["name"]])
+    axes[0, col].set_ylim(0, 1)
+    _axes(axes[0, col], title, "pass@k")
+    if paired:
+      axes[1, col].axhline(0.0, color="black", linewidth=0.8)
+      _axes(axes[1, col], title, "pass@k − reference (paired)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -112,7 +112,7 @@ def statistics_markdown(analysis: Mapping) -> list[str]:
   for row in analysis["rows"]:
     ks, models = key_ks(row["k"][-1]), row["models"]
     title = f"{row['task']}, gen_length {row['gen_length']} ({row['problems']} problems)"
-    lines += [f"## {title}", ""]
+    lines += [f"## Intervals: {title}", ""]
     header = ["model", "seeds"] + [f"pass@{k}" for k in ks]
     header += ["coverage", "distinct answers / solved", "solutions found / solved", "greedy"]
     cells = []
@@ -274,9 +274,11 @@ def write_reports(
   target_beta: float | None = None,
   run_config: Mapping | None = None,
   commit: str | None = None,
+  extra_settings: Mapping | None = None,
 ) -> dict | None:
   """eval.json, eval.md, passk.png; with the per-problem `records`, their statistics too and
-  results.json; returns the statistics (`stats.analyze`) or None. `commit` defaults to the code's."""
+  results.json (settings: the eval config, the run config, `extra_settings`); returns the statistics
+  (`stats.analyze`) or None. `commit` defaults to the code's."""
   commit = commit or git_commit()
   analysis = stats.analyze(records, target_beta) if records else None
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
@@ -286,7 +288,8 @@ def write_reports(
   if summary["results"]:
     plot(summary, os.path.join(workdir, "passk.png"), analysis)
   if analysis is not None:
-    doc = results(analysis, {"eval": dict(config), "run": run_config}, commit)
+    settings = {"eval": dict(config), "run": run_config, **(extra_settings or {})}
+    doc = results(analysis, settings, commit)
     write_json(doc, os.path.join(workdir, RESULTS_FILE))
   return analysis
 
@@ -299,10 +302,16 @@ def write_json(doc: Mapping, path: str) -> None:
     f.write("\n")
 
 
-def rebuild(eval_dir: str, target_beta: float | None = None) -> dict:
-  """Rewrites an evaluation directory's reports from its records; returns the statistics. The target's
-  beta defaults to the run config's `rl.beta` (`config.json`), else the one eval.json shows; the commit
-  is the one eval.json recorded, else this code's, marked `(rebuild)`."""
+def rebuild(
+  eval_dir: str,
+  target_beta: float | None = None,
+  labels: Sequence[str] = (),
+  extra_settings: Mapping | None = None,
+) -> dict:
+  """Rewrites an evaluation directory's reports from its records (of `labels`, default every
+  checkpoint recorded); returns the statistics. The target's beta defaults to the run config's
+  `rl.beta` (`config.json`), else the one eval.json shows; the commit is the one eval.json recorded,
+  else this code's, marked `(rebuild)`."""
   from trafl_jax import evaluate  # evaluate imports this module
 
   old = _load(os.path.join(eval_dir, "eval.json")) or {"config": {}, "results": []}
@@ -314,11 +323,13 @@ def rebuild(eval_dir: str, target_beta: float | None = None) -> dict:
   done = evaluate._read_records(os.path.join(eval_dir, evaluate.RECORDS_FILE))
   if not done:
     raise FileNotFoundError(f"no records in {eval_dir}/{evaluate.RECORDS_FILE}")
-  labels = list(dict.fromkeys(key[0] for key in done))
+  labels = list(labels) or list(dict.fromkeys(key[0] for key in done))
   summary = evaluate._summaries(done, labels, target_beta)
   commit = old.get("commit") or git_commit() + " (rebuild)"
-  records = list(done.values())
-  return write_reports(summary, eval_dir, old["config"], records, target_beta, run_config, commit)
+  records = [r for key, r in done.items() if key[0] in labels]
+  return write_reports(
+    summary, eval_dir, old["config"], records, target_beta, run_config, commit, extra_settings
+  )
 
 
 def _load(path: str) -> dict | None:

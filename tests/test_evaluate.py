@@ -109,8 +109,11 @@ def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):
   [row] = first["results"]
   assert row["problems"] == 6 and row["task"] == "countdown" and row["gen_length"] == 16
   assert 0.0 <= row["pass@1"] <= row["pass@2"] <= row["pass@4"] <= 1.0
-  for name in ("eval.json", "eval.md", "passk.png", evaluate.RECORDS_FILE):
+  for name in ("eval.json", "eval.md", "passk.png", "results.json", evaluate.RECORDS_FILE):
     assert os.path.exists(os.path.join(workdir, name))
+  with open(os.path.join(workdir, "results.json")) as f:
+    [model] = json.load(f)["rows"][0]["models"].values()
+  assert model["pass@k"]["mean"][0] == pytest.approx(row["pass@1"], abs=1e-6)
 
   # Drop the last batch's records (as if killed mid-run): only that batch is recomputed.
   records_path = os.path.join(workdir, evaluate.RECORDS_FILE)

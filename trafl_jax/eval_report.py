@@ -1,15 +1,34 @@
-"""Evaluation reports: `eval.json`, `eval.md` (Markdown tables) and `passk.png` (pass@k vs k)."""
+"""Evaluation reports: `eval.json`, `eval.md` (Markdown tables), `passk.png` and `results.json`.
+
+  python -m trafl_jax.eval_report --eval_dir=runs/main/eval [--results_json=docs/results.json]
+
+rebuilds every report of an evaluation directory from its `eval_records.jsonl`, sampling nothing.
+
+With the per-problem records, the reports carry `stats.analyze`'s figures: pass@k with 95% bootstrap
+intervals over problems, the paired difference against the reference, coverage apart from distinct
+answers per solved problem, Countdown solutions found, and difficulty buckets. `passk.png` then has one
+colour per model group (a label's prefix before `/s<seed>`): the mean over seeds as a line, the bootstrap
+interval of that mean as a band (problems resampled, the seeds averaged per problem: the spread of one
+seed's training is in `results.json`'s `per_seed`), the tilted target dashed; under each task x length
+panel, pass@k minus the reference's, paired per problem, with its band and the zero line.
+`results.json` holds every figure for k = 1..n, the settings and the code's commit.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
+import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from trafl_jax import stats  # noqa: E402
 
 _DIVERSITY = (
   ("distinct_correct_answers", "distinct correct answers"),
@@ -17,6 +36,7 @@ _DIVERSITY = (
   ("commit_entropy", "commit-step entropy"),
   ("all_wrong", "all-wrong problems"),
 )
+RESULTS_FILE = "results.json"
 
 
 def _ks(row: Mapping) -> list[int]:
@@ -28,7 +48,13 @@ def _cell(row: Mapping, key: str, digits: int) -> str:
   return f"{row[key]:.{digits}f}" if key in row else "-"
 
 
-def markdown(summary: Mapping) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+
+
+def markdown(summary: Mapping, analysis: Mapping | None = None) -> str:
+  """Per task x length, every checkpoint's means; with `analysis`, its interval tables after them."""
   rows = summary["results"]
   lines = ["# Evaluation", ""]
   for task in dict.fromkeys(r["task"] for r in rows):
@@ -37,16 +63,105 @@ def markdown(summary: Mapping) -> str:
       ks = _ks(group[0])
       lines += [f"## {task}, gen_length {gen_length} ({group[0]['problems']} problems)", ""]
       header = ["checkpoint", "greedy"] + [f"pass@{k}" for k in ks] + [t for _, t in _DIVERSITY]
-      lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+      cells = []
       for r in group:
-        cells = [r["checkpoint"], _cell(r, "greedy", 3)] + [_cell(r, f"pass@{k}", 3) for k in ks]
-        cells += [_cell(r, key, 2) for key, _ in _DIVERSITY]
-        lines.append("| " + " | ".join(cells) + " |")
-      lines.append("")
+        cells.append(
+          [r["checkpoint"], _cell(r, "greedy", 3)]
+          + [_cell(r, f"pass@{k}", 3) for k in ks]
+          + [_cell(r, key, 2) for key, _ in _DIVERSITY]
+        )
+      lines += _table(header, cells)
+  if analysis:
+    lines += statistics_markdown(analysis)
   return "\n".join(lines)
 
 
-def plot(summary: Mapping, path: str) -> None:
+# ----------------------------------------------------------------------------------------------
+# Interval tables
+
+
+def key_ks(k_max: int) -> list[int]:
+  """The k shown in tables: 1, 4, 16, ... up to n, and n."""
+  ks = [4**i for i in range(10) if 4**i <= k_max]
+  return ks + ([k_max] if ks[-1] != k_max else [])
+
+
+def _ci(figure: Mapping | None, i: int | None = None, sign: bool = False) -> str:
+  """`mean [lo, hi]` of an interval (its i-th entry for a per-k one); "-" where there is none."""
+  if not figure or figure["mean"] is None:
+    return "-"
+  pick = (lambda x: x) if i is None else (lambda x: x[i])
+  mean, lo, hi = (pick(figure[key]) for key in ("mean", "lo", "hi"))
+  form = "+.3f" if sign else ".3f"
+  return f"{mean:{form}} [{lo:{form}}, {hi:{form}}]"
+
+
+def statistics_markdown(analysis: Mapping) -> list[str]:
+  """Per row: pass@k and sample figures with intervals, the paired difference against the reference,
+  and pass@1 / pass@n by the reference's difficulty."""
+  method = analysis["method"]
+  lines = [
+    "# Intervals",
+    "",
+    f"Mean [{method['level']:.0%} interval]: {method['interval']} ({method['resamples']} resamples); "
+    "a model's seeds are averaged per problem first. Coverage: problems solved by some sample; distinct "
+    "answers and solutions found: per solved problem. Buckets: by the reference's own success rate on "
+    "the problem, so its row there is selected on the same samples (read it as a floor / ceiling).",
+    "",
+  ]
+  for row in analysis["rows"]:
+    ks, models = key_ks(row["k"][-1]), row["models"]
+    title = f"{row['task']}, gen_length {row['gen_length']} ({row['problems']} problems)"
+    lines += [f"## Intervals: {title}", ""]
+    header = ["model", "seeds"] + [f"pass@{k}" for k in ks]
+    header += ["coverage", "distinct answers / solved", "solutions found / solved", "greedy"]
+    cells = []
+    for m in models:
+      cells.append(
+        [m["name"], str(m.get("seeds", "-"))]
+        + [_ci(m["pass@k"], k - 1) for k in ks]
+        + [
+          _ci(m.get(key))
+          for key in ("coverage", "distinct_per_solved", "solutions_found", "greedy")
+        ]
+      )
+    lines += _table(header, cells)
+    paired = [m for m in models if "diff_vs_reference" in m]
+    if paired:
+      lines += [f"Paired difference against the reference, {title}:", ""]
+      header = ["model"] + [f"Δ pass@{k}" for k in ks] + ["sign flips at k"]
+      cells = [
+        [m["name"]]
+        + [_ci(m["diff_vs_reference"], k - 1, sign=True) for k in ks]
+        + [str(m.get("crossover_k") or "-")]
+        for m in paired
+      ]
+      lines += _table(header, cells)
+    if models and "buckets" in models[0]:
+      n = row["k"][-1]
+      lines += [f"pass@1 / pass@{n} by the reference's success rate c/n, {title}:", ""]
+      header = ["reference c/n", "problems"] + [m["name"] for m in models]
+      cells = []
+      for bucket, figures in models[0]["buckets"].items():
+        cells.append(
+          [bucket, str(figures["problems"])]
+          + [
+            f"{m['buckets'][bucket]['pass@1']:.3f} / {m['buckets'][bucket][f'pass@{n}']:.3f}"
+            for m in models
+          ]
+        )
+      lines += _table(header, cells)
+  return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot(summary: Mapping, path: str, analysis: Mapping | None = None) -> None:
+  """`passk.png`: per model group with intervals when there is an `analysis`, else a line per row."""
+  if analysis and analysis["rows"]:
+    return plot_groups(analysis, path)
   rows = summary["results"]
   panels = list(dict.fromkeys((r["task"], r["gen_length"]) for r in rows))
   cols = min(3, len(panels)) or 1
@@ -57,13 +172,8 @@ def plot(summary: Mapping, path: str) -> None:
       ks = _ks(r)
       style = dict(linestyle="--", color="gray") if r.get("target") else dict(marker="o")
       ax.plot(ks, [r[f"pass@{k}"] for k in ks], label=r["checkpoint"], **style)
-    ax.set_xscale("log", base=2)
+    _axes(ax, f"{task}, length {gen_length}", "pass@k")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_title(f"{task}, length {gen_length}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
   for ax in list(axes.flat)[len(panels) :]:
     ax.axis("off")
   fig.tight_layout()
@@ -71,10 +181,198 @@ def plot(summary: Mapping, path: str) -> None:
   plt.close(fig)
 
 
-def write_reports(summary: Mapping, workdir: str, config: Mapping) -> None:
+def _axes(ax, title: str, ylabel: str) -> None:
+  ax.set_xscale("log", base=2)
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))  # 16, not 2^4
+  ax.set_xlabel("k")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+
+
+def _styles(analysis: Mapping) -> dict[str, dict]:
+  """One style per model group, the same in every panel: the reference black, the target grey dashed."""
+  names = dict.fromkeys(m["name"] for row in analysis["rows"] for m in row["models"])
+  palette = iter(plt.get_cmap("tab10").colors)
+  styles = {}
+  for name in names:
+    if name == stats.REFERENCE:
+      styles[name] = dict(color="black")
+    elif name.startswith("target"):
+      styles[name] = dict(color="gray", linestyle="--")
+    else:
+      styles[name] = dict(color=next(palette, "tab:olive"))
+  return styles
+
+
+def plot_groups(analysis: Mapping, path: str) -> None:
+  """Per task x length: pass@k per group with its band above, pass@k minus the reference's below."""
+  rows, styles = analysis["rows"], _styles(analysis)
+  paired = any("diff_vs_reference" in m for row in rows for m in row["models"])
+  fig, axes = plt.subplots(1 + paired, len(rows), figsize=(4.5 * len(rows), 3.5 * (1 + paired)))
+  axes = np.asarray(axes).reshape(1 + paired, len(rows))
+  for col, row in enumerate(rows):
+    ks, title = row["k"], f"{row['task']}, length {row['gen_length']}"
+    for m in row["models"]:
+      _line(axes[0, col], ks, m["pass@k"], m["name"], styles[m["name"]])
+      if "diff_vs_reference" in m:
+        _line(axes[1, col], ks, m["diff_vs_reference"], m["name"], styles[m["name"]])
+    axes[0, col].set_ylim(0, 1)
+    _axes(axes[0, col], title, "pass@k")
+    if paired:
+      axes[1, col].axhline(0.0, color="black", linewidth=0.8)
+      _axes(axes[1, col], title, "pass@k − reference (paired)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _line(ax, ks: Sequence[int], figure: Mapping, name: str, style: Mapping) -> None:
+  ax.plot(ks, figure["mean"], label=name, **style)
+  ax.fill_between(ks, figure["lo"], figure["hi"], color=style["color"], alpha=0.15, linewidth=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def git_commit() -> str:
+  """The code's commit (`-dirty` with uncommitted changes to tracked files), or "unknown"."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    git = lambda *a: subprocess.run(
+      ["git", "-C", here, *a], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    commit = git("rev-parse", "HEAD")
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def results(analysis: Mapping, settings: Mapping, commit: str) -> dict:
+  """`results.json`: per row (task, its split, gen_length) and model group, every figure of
+  `stats.analyze` for k = 1..n, with the settings and commit of the run."""
+  out_rows = []
+  for row in analysis["rows"]:
+    split = row["task"].partition("@")[2] or "test"
+    out_rows.append({**row, "split": split, "models": {m["name"]: m for m in row["models"]}})
+  return {
+    "commit": commit,
+    "settings": dict(settings),
+    "method": analysis["method"],
+    "rows": out_rows,
+  }
+
+
+def write_reports(
+  summary: Mapping,
+  workdir: str,
+  config: Mapping,
+  records: Sequence[Mapping] = (),
+  target_beta: float | None = None,
+  run_config: Mapping | None = None,
+  commit: str | None = None,
+  extra_settings: Mapping | None = None,
+) -> dict | None:
+  """eval.json, eval.md, passk.png; with the per-problem `records`, their statistics too and
+  results.json (settings: the eval config, the run config, `extra_settings`); returns the statistics
+  (`stats.analyze`) or None. `commit` defaults to the code's."""
+  commit = commit or git_commit()
+  analysis = stats.analyze(records, target_beta) if records else None
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-    json.dump({"config": dict(config), **summary}, f, indent=2)
+    json.dump({"config": dict(config), "commit": commit, **summary}, f, indent=2)
   with open(os.path.join(workdir, "eval.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(summary))
+    f.write(markdown(summary, analysis))
   if summary["results"]:
-    plot(summary, os.path.join(workdir, "passk.png"))
+    plot(summary, os.path.join(workdir, "passk.png"), analysis)
+  if analysis is not None:
+    settings = {"eval": dict(config), "run": run_config, **(extra_settings or {})}
+    doc = results(analysis, settings, commit)
+    write_json(doc, os.path.join(workdir, RESULTS_FILE))
+  return analysis
+
+
+def write_json(doc: Mapping, path: str) -> None:
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(doc, f, indent=1)
+    f.write("\n")
+
+
+def rebuild(
+  eval_dir: str,
+  target_beta: float | None = None,
+  labels: Sequence[str] = (),
+  extra_settings: Mapping | None = None,
+) -> dict:
+  """Rewrites an evaluation directory's reports from its records (of `labels`, default every
+  checkpoint recorded); returns the statistics. The target's beta defaults to the run config's
+  `rl.beta` (`config.json`), else the one eval.json shows; the commit is the one eval.json recorded,
+  else this code's, marked `(rebuild)`."""
+  from trafl_jax import evaluate  # evaluate imports this module
+
+  old = _load(os.path.join(eval_dir, "eval.json")) or {"config": {}, "results": []}
+  run_config = _load(os.path.join(eval_dir, "config.json"))
+  if target_beta is None and run_config:
+    target_beta = run_config.get("rl", {}).get("beta")
+  if target_beta is None:
+    target_beta = next((r["beta"] for r in old["results"] if r.get("target")), None)
+  done = evaluate._read_records(os.path.join(eval_dir, evaluate.RECORDS_FILE))
+  if not done:
+    raise FileNotFoundError(f"no records in {eval_dir}/{evaluate.RECORDS_FILE}")
+  labels = list(labels) or list(dict.fromkeys(key[0] for key in done))
+  summary = evaluate._summaries(done, labels, target_beta)
+  commit = old.get("commit") or git_commit() + " (rebuild)"
+  records = [r for key, r in done.items() if key[0] in labels]
+  return write_reports(
+    summary, eval_dir, old["config"], records, target_beta, run_config, commit, extra_settings
+  )
+
+
+def _load(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def main(argv) -> None:
+  del argv
+  import sys
+
+  from absl import flags
+
+  f = flags.FLAGS
+  try:
+    analysis = rebuild(f.eval_dir, f.beta)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print("\n".join(statistics_markdown(analysis)))
+  print(f"wrote {f.eval_dir}/eval.json, eval.md, passk.png, {RESULTS_FILE}")
+  if f.results_json:
+    write_json(_load(os.path.join(f.eval_dir, RESULTS_FILE)), f.results_json)
+    print(f"wrote {f.results_json}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("eval_dir", None, "An evaluation directory (with eval_records.jsonl).")
+  flags.DEFINE_string(
+    "results_json", None, "Also write results.json here (e.g. docs/results.json)."
+  )
+  flags.DEFINE_float("beta", None, "The tilted target's beta (default: the run's rl.beta).")
+  flags.mark_flags_as_required(["eval_dir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  from trafl_jax import cli
+
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,7 +10,8 @@ of the commit step of each completion position across the samples (how spread th
 locked model commits the same positions at the same steps every time).
 
 Every finished batch of problems is appended to `<workdir>/eval_records.jsonl`; a restarted evaluation skips
-what is recorded. At the end `eval.json`, `eval.md` and `passk.png` are written into the workdir.
+what is recorded. At the end `eval.json`, `eval.md`, `passk.png` and `results.json` are written into the
+workdir (`eval_report`; `python -m trafl_jax.eval_report --eval_dir=DIR` rebuilds them from the records).
 
 Dimension legend:  N: samples per problem    L: gen_length
 """
@@ -116,14 +117,18 @@ def problem_record(
   completions: Sequence[str],
   commit_steps_NxL: np.ndarray,
 ) -> dict:
+  """One problem's figures. `correct_answers` (the distinct correct answers, sorted, in extract_answer's
+  canonical form) lets reports measure which answers a model finds (stats.solutions_found)."""
   correct = [r > 0 for r in rewards]
+  correct_answers = sorted({a for a, ok in zip(answers, correct) if ok and a is not None})
   return {
     "greedy": float(greedy_reward),
     "n": len(rewards),
     "c": int(sum(correct)),
-    "distinct_correct_answers": len({a for a, ok in zip(answers, correct) if ok and a is not None}),
+    "distinct_correct_answers": len(correct_answers),
     "distinct_correct_completions": len({t for t, ok in zip(completions, correct) if ok}),
     "commit_entropy": commit_entropy(commit_steps_NxL),
+    "correct_answers": correct_answers,
   }
 
 
@@ -252,7 +257,8 @@ def run(
   run_config: dict | None = None,
   target_beta: float | None = None,
 ) -> dict:
-  """Evaluates every checkpoint and writes eval.json, eval.md and passk.png; returns the summary.
+  """Evaluates every checkpoint and writes eval.json, eval.md, passk.png and results.json (with the
+  statistics of `stats.analyze`); returns the summary.
   With `target_beta`, the checkpoint labelled "reference" is followed by the tilted target's pass@k at
   that beta (`target_summary`): the line TraFL should reach.
   Each checkpoint gives its model's shape; `settings` (a run's config: default, as stored) how it is
@@ -279,7 +285,10 @@ def run(
     progress.close()
   summary = _summaries(done, labels, target_beta)
   if jax.process_index() == 0:
-    eval_report.write_reports(summary, workdir, dataclasses.asdict(cfg))
+    records = [r for key, r in done.items() if key[0] in labels]
+    eval_report.write_reports(
+      summary, workdir, dataclasses.asdict(cfg), records, target_beta, run_config=run_config
+    )
   return summary
 
 
@@ -357,7 +366,7 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(eval_report.markdown(summary))
-  print(f"wrote {workdir}/eval.json, eval.md, passk.png")
+  print(f"wrote {workdir}/eval.json, eval.md, passk.png, results.json")
 
 
 def _define_flags() -> None:

@@ -103,7 +103,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.num_masks = 2
   c.rl.t_min = 0.2
   c.rl.t_max = 0.8
-  c.rl.log_z = "mlp"  # mlp | batch_mean
+  # mlp (learned head) | batch_mean (per-group mean, no head) | centred (the head is learned and
+  # reported, but the policy's gradient takes the residual centred per group, as with batch_mean)
+  c.rl.log_z = "mlp"
   # TraFL's loss: "square" (mean delta^2) or "product" (delta_A * delta_B over two independent halves
   # of the masks: unbiased for the exact residual's square; pair needs num_masks 4, 8, ...).
   c.rl.residual = "square"

@@ -137,6 +137,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.sample_every = 50
   c.rl.eval_every = 50
   c.rl.eval_problems = 64
+  # diag/mask_noise (Var_M of l_theta - l_ref) from a second, independent mask draw (one more prepare)
+  # every this many steps; 0: never.
+  c.rl.diag_noise_every = 10
 
   # Evaluation (python -m trafl_jax.evaluate): tasks x generation lengths, greedy and n samples each.
   c.eval = ml_collections.ConfigDict()
@@ -178,6 +181,9 @@ def llada_8b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
   c.rl.lr = 3e-6
   c.rl.eval_every = 100
   c.rl.eval_problems = 64
+  # diag/mask_noise (Var_M of l_theta - l_ref) from a second, independent mask draw (one more prepare)
+  # every this many steps; 0: never.
+  c.rl.diag_noise_every = 10
   c.eval.gen_lengths = (128, 256, 512)
   c.eval.block_length = 32
   c.eval.steps_per_token = 0.5

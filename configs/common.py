@@ -103,7 +103,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.num_masks = 2
   c.rl.t_min = 0.2
   c.rl.t_max = 0.8
-  c.rl.log_z = "mlp"  # mlp | batch_mean
+  # mlp (learned head) | batch_mean (per-group mean, no head) | centred (the head is learned and
+  # reported, but the policy's gradient takes the residual centred per group, as with batch_mean)
+  c.rl.log_z = "mlp"
   # TraFL's loss: "square" (mean delta^2) or "product" (delta_A * delta_B over two independent halves
   # of the masks: unbiased for the exact residual's square; pair needs num_masks 4, 8, ...).
   c.rl.residual = "square"
@@ -135,6 +137,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.sample_every = 50
   c.rl.eval_every = 50
   c.rl.eval_problems = 64
+  # diag/mask_noise (Var_M of l_theta - l_ref) from a second, independent mask draw (one more prepare)
+  # every this many steps; 0: never.
+  c.rl.diag_noise_every = 10
 
   # Evaluation (python -m trafl_jax.evaluate): tasks x generation lengths, greedy and n samples each.
   c.eval = ml_collections.ConfigDict()
@@ -176,6 +181,9 @@ def llada_8b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
   c.rl.lr = 3e-6
   c.rl.eval_every = 100
   c.rl.eval_problems = 64
+  # diag/mask_noise (Var_M of l_theta - l_ref) from a second, independent mask draw (one more prepare)
+  # every this many steps; 0: never.
+  c.rl.diag_noise_every = 10
   c.eval.gen_lengths = (128, 256, 512)
   c.eval.block_length = 32
   c.eval.steps_per_token = 0.5

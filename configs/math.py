@@ -62,6 +62,7 @@ def get_config(arg: str | None = None):
     c.rl.group_size = 4
     c.rl.train_limit = 64
     c.rl.eval_every = 3
+    c.rl.diag_noise_every = 2
     c.rl.eval_problems = 8
     c.rl.ckpt_every = 2
     c.eval.limit = 6

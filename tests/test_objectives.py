@@ -125,3 +125,76 @@ def test_bad_objective_settings_are_named():
     objectives.ObjectiveConfig(objective="ppo")
   with pytest.raises(ValueError, match="log_z"):
     objectives.ObjectiveConfig(log_z="learned")
+
+
+def _terms_and_rows(b: int, g: int, seed: int):
+  """A synthetic batch of b prompt groups of g rows: every field the TraFL loss reads."""
+  rng = np.random.default_rng(seed)
+  n = b * g
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  l_ref_N = f32(rng.normal(-10, 2, n))
+  l_theta_N = l_ref_N + f32(rng.normal(0, 1, n))
+  terms = objectives.Terms(
+    l_theta_N=l_theta_N,
+    logp_NxT=jnp.zeros((n, 1)),
+    log_z_B=f32(rng.uniform(0, 4, b)),  # far from the balancing value: a large common mode
+    l_theta_2xN=jnp.stack([l_theta_N, l_theta_N]) + f32(rng.normal(0, 0.3, (2, n))),
+  )
+  zeros_NxT = jnp.zeros((n, 1))
+  rows = objectives.Rows(
+    tokens_NxT=zeros_NxT,
+    valid_NxT=zeros_NxT,
+    prompt_NxT=zeros_NxT,
+    completion_NxT=zeros_NxT,
+    rewards_N=f32(rng.integers(0, 2, n)),
+    masks_KxNxT=jnp.zeros((1, n, 1)),
+    inputs_NxT=zeros_NxT,
+    l_old_N=l_theta_N + f32(rng.normal(0, 0.1, n)),
+    l_ref_N=l_ref_N,
+    logp_old_NxT=zeros_NxT,
+    logp_ref_NxT=zeros_NxT,
+    l_ref_2xN=jnp.stack([l_ref_N, l_ref_N]) + f32(rng.normal(0, 0.3, (2, n))),
+    scored_NxT=zeros_NxT,
+  )
+  return terms, rows
+
+
+@pytest.mark.parametrize(
+  "extra", [{}, {"importance_weights": True}, {"residual": "product", "num_masks": 4}]
+)
+def test_centred_log_z_gives_the_policy_batch_means_gradient_and_the_head_mlps(extra):
+  terms, rows = _terms_and_rows(b=3, g=4, seed=2)
+
+  def grads(log_z: str):
+    ocfg = objectives.ObjectiveConfig(beta=2.0, log_z=log_z, **extra)
+
+    def loss(l_theta_N, l_theta_2xN, log_z_B):
+      t = terms.replace(l_theta_N=l_theta_N, l_theta_2xN=l_theta_2xN, log_z_B=log_z_B)
+      return objectives.objective_loss(ocfg, t, rows, 4)[0]
+
+    return jax.grad(loss, (0, 1, 2))(terms.l_theta_N, terms.l_theta_2xN, terms.log_z_B)
+
+  centred, batch_mean, mlp = grads("centred"), grads("batch_mean"), grads("mlp")
+  policy = 1 if extra.get("residual") == "product" else 0  # which l_theta the loss reads
+  np.testing.assert_allclose(centred[policy], batch_mean[policy], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(centred[2], mlp[2], rtol=1e-5, atol=1e-7)
+  # Not vacuous: the head learns, and mlp's policy gradient carries the common mode centred removes.
+  assert np.abs(np.asarray(centred[2])).min() > 1e-3
+  assert np.abs(np.asarray(centred[policy]) - np.asarray(mlp[policy])).max() > 1e-2
+  # The common mode is gone: each group's policy gradient sums to zero (unweighted square residual).
+  if not extra:
+    np.testing.assert_allclose(np.asarray(centred[0]).reshape(3, 4).sum(1), 0.0, atol=1e-6)
+
+
+def test_centred_log_z_reports_the_policys_loss_and_the_heads():
+  terms, rows = _terms_and_rows(b=3, g=4, seed=3)
+  run = lambda log_z: objectives.objective_loss(
+    objectives.ObjectiveConfig(beta=2.0, log_z=log_z), terms, rows, 4
+  )
+  (centred, metrics), (batch_mean, _), (mlp, mlp_metrics) = map(
+    run, ("centred", "batch_mean", "mlp")
+  )
+  assert float(centred) == pytest.approx(float(batch_mean), rel=1e-6)
+  assert float(metrics["trafl/head_loss"]) == pytest.approx(float(mlp), rel=1e-6)
+  assert float(metrics["trafl/log_z_mean"]) == pytest.approx(float(mlp_metrics["trafl/log_z_mean"]))
+  assert objectives.learned_log_z(objectives.ObjectiveConfig(log_z="centred"))

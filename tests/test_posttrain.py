@@ -45,8 +45,17 @@ def test_each_objective_runs_end_to_end(reference, tmp_path, objective):
   ):
     assert np.isfinite(last[key]), key
   assert "eval/greedy" in records[-1]
+  for key in ("diag/success_rate", "diag/p_ref_iw", "diag/iw_ess", "diag/tilt", "diag/kl_target"):
+    assert np.isfinite(last[key]), key
+  assert 1 <= last["diag/iw_ess"] <= 4  # group_size 4
+  assert last["diag/success_rate"] == pytest.approx(last["rl/reward_mean"])  # 0/1 rewards
+  # The second mask draw every rl.diag_noise_every = 2 steps (tiny), from the second step on, where the
+  # policy is no longer the reference (l_theta - l_ref is 0 under any mask on the first).
+  assert "diag/mask_noise" not in records[0] and "diag/mask_noise" not in records[2]
+  assert records[1]["diag/mask_noise"] > 0
   if objective == "trafl":
     assert last["trafl/log_z_min"] <= last["trafl/log_z_mean"] <= last["trafl/log_z_max"]
+    assert np.isfinite(last["diag/head_rmse"]) and "diag/centred_sq_mixed" in last
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps[-1] == 3
   # The log Z head is checkpointed with the state, not with the exported parameters.

@@ -27,7 +27,7 @@ from flax import struct
 
 from trafl_jax import diffusion
 
-LOG_Z_KINDS = ("mlp", "batch_mean")
+LOG_Z_KINDS = ("mlp", "batch_mean", "centred")
 RESIDUALS = ("square", "product")
 
 
@@ -43,7 +43,8 @@ class ObjectiveConfig:
   num_masks: int = 2
   t_min: float = 0.2
   t_max: float = 0.8
-  log_z: str = "mlp"  # mlp | batch_mean
+  # mlp | batch_mean | centred (the head is learned, the policy's residual centred per group)
+  log_z: str = "mlp"
   # TraFL's loss: "square" = mean(w delta^2) with the surrogate over all masks; "product" = mean(w delta_A
   # delta_B) over two independent halves of the masks, unbiased for the square of the exact residual
   # (E[delta^2] adds the masks' variance: a pull toward the reference).
@@ -366,13 +367,10 @@ def _advantages_N(rows: Rows, group_size: int):
   return group_advantages(_grouped(rows.rewards_N, group_size)).reshape(-1)
 
 
-def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
+def _trafl_residual_loss(ocfg, log_z_B, terms: Terms, rows: Rows, group_size: int):
+  """TraFL's loss at a given log Z (ocfg.residual's form, importance-weighted if asked)."""
   l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
   rewards_BxG = _grouped(rows.rewards_N, group_size)
-  if ocfg.log_z == "mlp":
-    log_z_B = terms.log_z_B
-  else:
-    log_z_B = batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
   weights = None
   if ocfg.importance_weights:
     weights = importance_weights(l_theta, _grouped(rows.l_old_N, group_size), ocfg.importance_clip)
@@ -385,6 +383,38 @@ def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
     )
     metrics.update(extra)
   return loss, metrics
+
+
+def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
+  if ocfg.log_z == "mlp":
+    return _trafl_residual_loss(ocfg, terms.log_z_B, terms, rows, group_size)
+  l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
+  rewards_BxG = _grouped(rows.rewards_N, group_size)
+  log_z_B = batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+  loss, metrics = _trafl_residual_loss(ocfg, log_z_B, terms, rows, group_size)
+  if ocfg.log_z == "centred":
+    loss, extra = _with_centred_head(ocfg, loss, terms, rows, group_size)
+    metrics.update(extra)
+  return loss, metrics
+
+
+def _with_centred_head(ocfg, policy_loss, terms: Terms, rows: Rows, group_size: int):
+  """`log_z = "centred"`: the policy's gradient is `policy_loss`'s (batch_mean's: the residual centred
+  per group, `delta_i - mean_group(delta)`, so no common mode `c - b` reaches it), and the learned head
+  gets the loss `mlp` gives it with the policy's terms held fixed (the same head gradient), so `log Z(x)`
+  stays learned and reported. The value is the policy's loss; the head's is `trafl/head_loss`."""
+  held = terms.replace(
+    l_theta_N=jax.lax.stop_gradient(terms.l_theta_N),
+    l_theta_2xN=jax.lax.stop_gradient(terms.l_theta_2xN),
+  )
+  head_loss, _ = _trafl_residual_loss(ocfg, terms.log_z_B, held, rows, group_size)
+  log_z_B = terms.log_z_B
+  return policy_loss + head_loss - jax.lax.stop_gradient(head_loss), {
+    "trafl/head_loss": head_loss,
+    "trafl/log_z_mean": log_z_B.mean(),  # the head's output, as with mlp
+    "trafl/log_z_min": log_z_B.min(),
+    "trafl/log_z_max": log_z_B.max(),
+  }
 
 
 def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
@@ -430,8 +460,9 @@ def estimator_of(ocfg: ObjectiveConfig) -> Estimator:
 
 
 def learned_log_z(ocfg: ObjectiveConfig) -> bool:
-  """TraFL with the learned head (`log_z = "mlp"`) trains `log Z_phi(x)`; the rest have none."""
-  return ocfg.objective == "trafl" and ocfg.log_z == "mlp"
+  """TraFL with the learned head (`log_z = "mlp"` or `"centred"`) trains `log Z_phi(x)`; the rest have
+  none."""
+  return ocfg.objective == "trafl" and ocfg.log_z in ("mlp", "centred")
 
 
 def objective_loss(ocfg, terms: Terms, rows: Rows, group_size: int):

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from trafl_jax import loop, objectives, rl, sample, sampler, sharding
+from trafl_jax import diagnostics, loop, objectives, rl, sample, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
@@ -75,6 +75,7 @@ class PostTrainConfig:
   keep_checkpoints: int
   sample_every: int
   eval_every: int  # 0: no in-loop greedy evaluation
+  diag_noise_every: int  # diag/mask_noise from a second mask draw every this many steps; 0: never
 
   @property
   def rows(self) -> int:
@@ -132,6 +133,7 @@ class Steps(NamedTuple):
   prepare: Any
   update: Any
   init_log_z_bias: Any
+  mask_noise: Any  # (state, ref_params, rollout, prepared) -> diag/mask_noise
 
 
 def jit_steps(model, pcfg: PostTrainConfig, mesh, rules, shardings, ref_shardings) -> Steps:
@@ -146,7 +148,29 @@ def jit_steps(model, pcfg: PostTrainConfig, mesh, rules, shardings, ref_sharding
     prepare,
     update,
     bias,
+    _mask_noise_fn(prepare, sharding.replicated(mesh)),
   )
+
+
+def _mask_noise_fn(prepare, replicated):
+  """`diag/mask_noise` from a second, independent draw: `prepare` again (the same compiled function)
+  with the state's key folded, and inner update 0's `l_old - l_ref` compared under the two draws. The
+  state is the one before the first update, where `l_theta = l_old`, so this estimates `Var_M` of the
+  `l` the loss uses (all K masks: the square residual's; the product residual's halves log
+  trafl/mask_noise)."""
+  other_key = jax.jit(lambda rng: jax.random.fold_in(rng, 0x6E6F6973), out_shardings=replicated)
+  noise = jax.jit(
+    lambda a, b: diagnostics.mask_noise(
+      a.l_old_IxN[0], a.l_ref_IxN[0], b.l_old_IxN[0], b.l_ref_IxN[0]
+    ),
+    out_shardings=replicated,
+  )
+
+  def mask_noise(state, ref_params, rollout, prepared):
+    other = prepare(state.replace(rng=other_key(state.rng)), ref_params, rollout)
+    return noise(prepared, other)
+
+  return mask_noise
 
 
 def step_memory(
@@ -300,8 +324,15 @@ class PostTraining:
       state = steps.init_log_z_bias(state, rollout.rewards_N)  # the global batch's mean beta * r
     prepared = steps.prepare(state, self.ref_params, rollout)
     args = sharding.abstract((state, self.ref_params, rollouts.prompts, rollout, prepared))
+    extra = {}
+    every = self.pcfg.diag_noise_every
+    # Steps `every`, 2 `every`, ... (counted from 1, like eval_every): on step 1 the policy is the
+    # reference and the noise of l_theta - l_ref is 0. Before the updates: the policy prepare scored.
+    if every and (step + 1) % every == 0:
+      extra["diag/mask_noise"] = steps.mask_noise(state, self.ref_params, rollout, prepared)
     for i in range(self.pcfg.num_inner_updates):
       state, step_metrics = steps.update(state, rollout, prepared, i)
+    step_metrics = {**step_metrics, **extra}
     if not self._memory_written:  # after the first calls: the lowering finds them compiled
       self._memory_written = True
       _write_memory(self.workdir, step_memory(steps, self.ref.mesh, self.ref.rules, *args))

@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trafl_jax import diffusion, objectives, sharding
+from trafl_jax import diagnostics, diffusion, objectives, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
@@ -363,7 +363,8 @@ def update(
 
   terms, (grads, log_z_grads) = _accumulated(micro_step, state, rows, m, model)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
-  loss, metrics = objectives.objective_loss(ocfg, jax.lax.stop_gradient(terms), rows, g)
+  terms = jax.lax.stop_gradient(terms)
+  loss, metrics = objectives.objective_loss(ocfg, terms, rows, g)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   log_z_updates, log_z_opt_state = state.log_z_tx.update(log_z_grads, state.log_z_opt_state)
   state = state.replace(
@@ -373,6 +374,11 @@ def update(
     log_z_opt_state=log_z_opt_state,
   )
   rewards_BxG = objectives._grouped(rollout.rewards_N, g)
+  # The answer's length, up to and including its first EOS.
+  length_N = diffusion.scored_positions(
+    rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
+  ).sum(-1)
+  length_N = length_N.astype(jnp.float32)
   metrics.update(
     {
       "rl/loss": loss,
@@ -380,12 +386,8 @@ def update(
       "rl/reward_mean": rewards_BxG.mean(),
       "rl/all_correct_groups": jnp.mean(jnp.all(rewards_BxG > 0, axis=1)),
       "rl/all_wrong_groups": jnp.mean(jnp.all(rewards_BxG <= 0, axis=1)),
-      "rl/completion_length": diffusion.scored_positions(
-        rollout.completion_NxT, rollout.tokens_NxT, model.cfg.eos_token_id
-      )
-      .sum(-1)
-      .astype(jnp.float32)
-      .mean(),  # the answer's length, up to and including its first EOS
+      "rl/completion_length": length_N.mean(),
     }
   )
+  metrics.update(diagnostics.step_metrics(ocfg, terms, rows, g, length_N))
   return state, metrics

@@ -99,7 +99,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.length_normalize = False
   # Mask and score the EOS fill with the answer: the answer's length is inside l (for every objective).
   c.rl.score_eos_fill = True
-  c.rl.estimator = "pair"  # pair | random_t | one_step
+  # The surrogate's masks (pair | random_t | one_step), or "trajectory": the exact log-probability of
+  # the rollout's recorded denoising path, one forward pass per sampler step (needs remasking "random").
+  c.rl.estimator = "pair"
   c.rl.num_masks = 2
   c.rl.t_min = 0.2
   c.rl.t_max = 0.8
@@ -150,7 +152,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.eval.gen_lengths = (128, 256, 512)
   c.eval.steps_per_token = 0.5  # steps = gen_length / 2
   c.eval.block_length = 32
-  c.eval.remasking = "low_confidence"
+  # Each a row of its own: "low_confidence" rows keep the task's label, others are "task[random]".
+  c.eval.remasking = ("low_confidence",)
   c.eval.num_samples = 16  # n for pass@k, k = 1, 2, 4, ..., n
   c.eval.temperature = 1.0
   c.eval.batch_size = 64  # sampler rows per call

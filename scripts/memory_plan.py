@@ -219,6 +219,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
       for dtype in (jnp.int32, jnp.bool_, jnp.bool_, jnp.bool_)
     ),
     rewards_N=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=rollout_sh.rewards_N),
+    commit_step_NxT=jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=rollout_sh.commit_step_NxT),
   )
   jitted = posttrain.jit_steps(model, pcfg, mesh, rules, shardings, shardings.params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

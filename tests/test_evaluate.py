@@ -94,7 +94,23 @@ def test_reports(tmp_path):
 def test_sampler_settings_follow_the_grid():
   cfg = config_lib.eval_config(math_config.get_config("gsm8k"))
   assert [evaluate.sampler_settings(cfg, L)["steps"] for L in (128, 256, 512)] == [64, 128, 256]
-  assert cfg.block_length == 32 and cfg.remasking == "low_confidence"
+  assert cfg.block_length == 32 and cfg.remasking == ("low_confidence",)
+
+
+def test_each_remasking_is_a_row_and_the_main_job_adds_the_rollouts():
+  config = math_config.get_config("tiny")
+  assert config_lib.eval_config(config).remasking == ("low_confidence",)
+  config.rl.remasking = "random"  # a policy trained on random-remasking rollouts
+  cfg = pipeline.evaluation_config(config)
+  assert cfg.remasking == ("low_confidence", "random")
+  assert [(label, r) for label, _, r in cfg.rows()] == [
+    ("countdown", "low_confidence"),
+    ("countdown[random]", "random"),
+  ]
+  assert evaluate.sampler_settings(cfg, 16)["remasking"] == "low_confidence"
+  assert evaluate.sampler_settings(cfg, 16, "random")["remasking"] == "random"
+  config.rl.remasking = "low_confidence"
+  assert pipeline.evaluation_config(config).remasking == ("low_confidence",)
 
 
 def test_end_to_end_and_resume_without_recompute(tmp_path, monkeypatch):

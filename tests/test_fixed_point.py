@@ -2,7 +2,8 @@
 
 One prompt, a one-token completion (where the surrogate is the exact log-likelihood), a vocabulary with three
 correct answers. TraFL should move the policy to `p_ref * exp(beta r) / Z`, which keeps the reference's ratios
-between the correct answers; diffu-GRPO should pile the mass onto fewer of them.
+between the correct answers; diffu-GRPO should pile the mass onto fewer of them. TraFL with the exact
+trajectory estimator (one sampler step commits the token) reaches the same target.
 """
 
 import functools
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from trafl_jax import diffusion, objectives, rl
+from trafl_jax import diffusion, objectives, rl, sampler
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
@@ -67,6 +68,7 @@ def _train(objective: str, steps: int, **kw):
       prompt_NxT=~completion,
       completion_NxT=completion,
       rewards_N=np.isin(answers, CORRECT).astype(np.float32),
+      commit_step_NxT=np.where(completion, 0, -1).astype(np.int32),  # one step commits the token
     )
     if step == 0 and objective == "trafl":
       state = state.replace(log_z=rl.set_log_z_bias(state.log_z, BETA * batch.rewards_N.mean()))
@@ -111,8 +113,21 @@ def test_one_token_surrogate_is_the_exact_log_likelihood():
   np.testing.assert_allclose(l_y[0], jax.nn.log_softmax(logits)[9], rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def trajectory_run():
+  rollout = sampler.SamplerConfig(1, 1, 1, temperature=1.0, remasking="random")
+  return _train("trafl", 300, estimator="trajectory", rollout=rollout)
+
+
 def test_trafl_reaches_the_tilted_target(trafl_run):
-  p_ref, p_theta, metrics = trafl_run
+  _assert_reaches_the_tilted_target(*trafl_run)
+
+
+def test_trafl_with_the_trajectory_estimator_reaches_the_tilted_target(trajectory_run):
+  _assert_reaches_the_tilted_target(*trajectory_run)
+
+
+def _assert_reaches_the_tilted_target(p_ref, p_theta, metrics):
   target = p_ref * np.exp(BETA * np.isin(np.arange(16), CORRECT))
   z = target.sum()
   target /= z

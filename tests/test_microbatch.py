@@ -12,13 +12,15 @@ import pytest
 from flax import linen as nn
 
 from trafl_jax import model as model_lib
-from trafl_jax import objectives, rl, sharding
+from trafl_jax import objectives, rl, sampler, sharding
 
 from .conftest import small_model_config
 
 CFG = small_model_config()
 MODEL = model_lib.Transformer(CFG)
 PROMPT, COMPLETION = 5, 8
+STEPS = 4  # the trajectory case's sampler steps (the batch's commit steps are drawn in 0..STEPS-1)
+ROLLOUT = sampler.SamplerConfig(COMPLETION, STEPS, COMPLETION, temperature=1.0, remasking="random")
 
 CASES = {
   "trafl_mlp": dict(objective="trafl", log_z="mlp"),
@@ -27,6 +29,7 @@ CASES = {
   "diffu_grpo": dict(objective="diffu_grpo"),
   "elbo_grpo": dict(objective="elbo_grpo"),
   "wd1": dict(objective="wd1"),
+  "trafl_trajectory": dict(objective="trafl", estimator="trajectory", rollout=ROLLOUT),
 }
 
 
@@ -47,6 +50,7 @@ def _batch(prompts: int, group: int, seed: int = 0) -> objectives.Rollout:
     prompt_NxT=valid & ~is_completion,
     completion_NxT=is_completion,
     rewards_N=rng.integers(0, 2, n).astype(np.float32),
+    commit_step_NxT=np.where(is_completion, rng.integers(0, STEPS, (n, PROMPT + COMPLETION)), -1),
   )
 
 

@@ -181,7 +181,7 @@ def test_a_checkpoint_without_tokenizer_samples_token_ids(tmp_path, workdir):
   generator = sample.Generator.load(bare)
   assert generator.tokenizer is None
   ids = [[5, 6, 7], [8, 9, 10, 11], [12]]
-  tokens, steps = generator.generate_ids(ids, batch_size=2, **SETTINGS)
+  tokens, steps, _ = generator.generate_ids(ids, batch_size=2, **SETTINGS)
   assert tokens.shape == steps.shape == (3, 16)
   assert (steps >= 0).all() and (steps < 8).all()  # every position committed at some step
   # The same rows as one call of the sampler on the padded prompts (the second chunk's seed differs).

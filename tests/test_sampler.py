@@ -111,8 +111,8 @@ def reference_generate(params, prompt, cfg, rng_uniform=None):
 def test_greedy_matches_reference_loop_and_is_deterministic(params):
   prompt, valid = _prompts()
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))
-  tokens, steps = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  tokens2, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))  # rng unused when greedy
+  tokens, steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
+  tokens2, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))  # rng unused when greedy
   want_tokens, want_steps = reference_generate(params, prompt, SAMPLE)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_array_equal(steps, want_steps)
@@ -123,7 +123,7 @@ def test_greedy_matches_reference_loop_and_is_deterministic(params):
 def test_cfg_matches_reference_loop(params):
   prompt, valid = _prompts(batch=2)
   cfg = sampler.SamplerConfig(gen_length=16, steps=8, block_length=8, cfg_scale=1.5)
-  tokens, steps = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
+  tokens, steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
     params, prompt, valid, jax.random.PRNGKey(0)
   )
   want_tokens, want_steps = reference_generate(params, prompt, cfg)
@@ -138,7 +138,7 @@ def test_random_remasking_matches_reference_with_the_same_draws(params):
   draws = lambda i: np.asarray(
     jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, i), 1), (3, 16))
   )
-  tokens, steps = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
+  tokens, steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
     params, prompt, valid, rng
   )
   want_tokens, want_steps = reference_generate(params, prompt, cfg, rng_uniform=draws)
@@ -163,10 +163,11 @@ def test_committed_tokens_never_change_and_blocks_are_respected(params):
     )
   )
   commit = jnp.full((4, 24), -1, jnp.int32)
+  logp = jnp.zeros((4, 24), jnp.float32)
   schedule = sampler.commit_schedule(cfg)
   for i in range(cfg.steps):
     before = np.asarray(tokens[:, 6:])
-    tokens, commit = step_fn(i, tokens, commit)
+    tokens, commit, logp = step_fn(i, tokens, commit, logp)
     after = np.asarray(tokens[:, 6:])
     done = before != CFG.mask_token_id
     np.testing.assert_array_equal(after[done], before[done])
@@ -176,9 +177,12 @@ def test_committed_tokens_never_change_and_blocks_are_respected(params):
     cols = np.nonzero(newly.any(0))[0]
     assert cols.min() >= block * 8 and cols.max() < (block + 1) * 8  # only the current block
   # Stepping by hand is what the jitted fori_loop does.
-  full_tokens, full_commit = sampler.generate(params, prompt, valid, rng, model=MODEL, cfg=cfg)
+  full_tokens, full_commit, full_logp = sampler.generate(
+    params, prompt, valid, rng, model=MODEL, cfg=cfg
+  )
   np.testing.assert_array_equal(full_tokens, tokens[:, 6:])
   np.testing.assert_array_equal(full_commit, commit)
+  np.testing.assert_allclose(full_logp, logp, rtol=1e-6)
   assert (np.asarray(full_commit) >= 0).all()
 
 
@@ -186,9 +190,9 @@ def test_temperature_sampling_is_seeded(params):
   prompt, valid = _prompts()
   cfg = sampler.SamplerConfig(gen_length=16, steps=8, block_length=8, temperature=1.0)
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))
-  a, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  b, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  c, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))
+  a, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
+  b, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
+  c, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
   assert (np.asarray(a) != np.asarray(c)).any()
 
@@ -196,7 +200,7 @@ def test_temperature_sampling_is_seeded(params):
 def test_left_padding_does_not_change_results(params):
   prompt, valid = _prompts(batch=3, prompt_len=6)
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))
-  alone, alone_steps = gen(params, prompt, valid, jax.random.PRNGKey(0))
+  alone, alone_steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
   # The same prompts behind 5 pad positions holding arbitrary ids, and a shorter prompt in the batch.
   rng = np.random.default_rng(0)
   padded = np.concatenate([rng.integers(0, CFG.vocab_size, (3, 5)), prompt], axis=1).astype(
@@ -205,10 +209,10 @@ def test_left_padding_does_not_change_results(params):
   padded_valid = np.concatenate([np.zeros((3, 5), bool), valid], axis=1)
   padded[2, :8] = CFG.pad_token_id  # row 2: a 3-token prompt
   padded_valid[2, :8] = False
-  out, out_steps = gen(params, padded, padded_valid, jax.random.PRNGKey(0))
+  out, out_steps, _ = gen(params, padded, padded_valid, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out[:2], alone[:2])
   np.testing.assert_array_equal(out_steps[:2], alone_steps[:2])
-  short, _ = gen(params, prompt[2:, 3:], valid[2:, 3:], jax.random.PRNGKey(0))
+  short, _, _ = gen(params, prompt[2:, 3:], valid[2:, 3:], jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out[2:], short)
 
 
@@ -223,9 +227,9 @@ def test_sharded_equals_unsharded(params):
   sharded_params = jax.device_put(params, shardings)
   prompt, valid = _prompts(batch=8)
   run = sampler.make_generate_fn(MODEL, SAMPLE, mesh, rules, shardings)
-  tokens, steps = run(sharded_params, prompt, valid, jax.random.PRNGKey(0))
+  tokens, steps, _ = run(sharded_params, prompt, valid, jax.random.PRNGKey(0))
   assert len(tokens.sharding.device_set) == 8
-  want, want_steps = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))(
+  want, want_steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))(
     params, prompt, valid, jax.random.PRNGKey(0)
   )
   np.testing.assert_array_equal(tokens, want)
@@ -308,9 +312,9 @@ def test_sampler_commits_the_more_confident_of_a_near_tie():
   logits_BxLxV = _near_tie_logits()
   stub = _LogitsAsParams(mask_token_id=logits_BxLxV.shape[-1] - 1)
   cfg = sampler.SamplerConfig(gen_length=2, steps=2, block_length=2)
-  tokens_BxL, commit_step_BxL = jax.jit(functools.partial(sampler.generate, model=stub, cfg=cfg))(
-    logits_BxLxV[0], np.full((1, 3), 5, np.int32), np.ones((1, 3), bool), jax.random.PRNGKey(0)
-  )
+  tokens_BxL, commit_step_BxL, _ = jax.jit(
+    functools.partial(sampler.generate, model=stub, cfg=cfg)
+  )(logits_BxLxV[0], np.full((1, 3), 5, np.int32), np.ones((1, 3), bool), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(tokens_BxL, [[0, 0]])
   # One token a step: position 1 (the more confident) first, as LLaDA's softmax-then-gather orders them.
   np.testing.assert_array_equal(commit_step_BxL, [[1, 0]])

@@ -142,7 +142,8 @@ def test_the_eos_fill_is_masked_and_scored_with_the_answer(score_eos_fill):
   """By default `l` covers the whole completion, the EOS fill included, so the answer's length is inside
   the likelihood; `score_eos_fill=False` stops at the first EOS and leaves the fill visible."""
   tokens, valid, completion = _batch(6, eos_at=2)  # two answer tokens, EOS, then three fill EOS
-  rollout = objectives.Rollout(tokens, valid, valid & ~completion, completion, jnp.zeros(2))
+  steps = jnp.where(completion, 0, -1)
+  rollout = objectives.Rollout(tokens, valid, valid & ~completion, completion, jnp.zeros(2), steps)
   ocfg = objectives.ObjectiveConfig(score_eos_fill=score_eos_fill, num_masks=4)
   state = rl.create_state(_params(0), optax.sgd(0.1), 1e-3, CFG.d_model, seed=0)
   prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=1))

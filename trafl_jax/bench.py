@@ -232,13 +232,13 @@ def bench_rl(
   times = {"sample_s": [], "score_s": [], "update_s": []}
   for _ in range(1 + repeats):  # the first is compilation
     t0 = time.perf_counter()
-    completion, _ = generate(state.params, prompt, valid, jax.random.PRNGKey(3))
-    completion = sharding.to_host(completion)
+    completion, commit_step, _ = generate(state.params, prompt, valid, jax.random.PRNGKey(3))
+    completion, commit_step = sharding.to_host(completion), sharding.to_host(commit_step)
     t1 = time.perf_counter()
     rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
     t2 = time.perf_counter()
     batch = sharding.global_batch(
-      posttrain.assemble_rollout(prompt, valid, completion, rewards), mesh, rules
+      posttrain.assemble_rollout(prompt, valid, completion, rewards, commit_step), mesh, rules
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       prepared = prepare(state, ref_params, batch)

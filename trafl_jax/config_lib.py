@@ -114,8 +114,10 @@ def train_config(config: ml_collections.ConfigDict) -> train.TrainConfig:
 
 
 def objective_config(config: ml_collections.ConfigDict) -> objectives.ObjectiveConfig:
+  """The objective's settings and the rollouts' sampler (the trajectory estimator scores its paths)."""
   r = config.rl
-  return objectives.ObjectiveConfig(**{k: r[k] for k in _names(objectives.ObjectiveConfig)})
+  own = _names(objectives.ObjectiveConfig) - {"rollout"}
+  return objectives.ObjectiveConfig(**{k: r[k] for k in own}, rollout=sampler_config(config))
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> sampler.SamplerConfig:
@@ -159,7 +161,9 @@ def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainCo
     "seed",
     "progress",
   }
-  known = own | _names(objectives.ObjectiveConfig) | set(_RL_SAMPLER) | set(_RL_OPTIM)
+  known = (
+    own | (_names(objectives.ObjectiveConfig) - {"rollout"}) | set(_RL_SAMPLER) | set(_RL_OPTIM)
+  )
   check_keys("rl", r.keys(), known | set(_RL_TASKS) | set(_RL_PIPELINE) | {"num_steps"})
   train_problems = posttrain.ProblemSource(
     task=r.task,
@@ -191,6 +195,8 @@ def eval_config(config: ml_collections.ConfigDict) -> evaluate.EvalConfig:
   e["limit"] = e["limit"] or None
   e["tasks"] = tuple(e["tasks"])
   e["gen_lengths"] = tuple(int(x) for x in e["gen_lengths"])
+  r = e["remasking"]
+  e["remasking"] = (r,) if isinstance(r, str) else tuple(r)
   return evaluate.EvalConfig(**e, **_countdown(config))
 
 

@@ -2,8 +2,9 @@
 
   python -m trafl_jax.evaluate --config=configs/math.py --checkpoint=DIR [--checkpoint=DIR2 ...]
 
-For each checkpoint x task x `gen_length` in the config's grid (`steps = gen_length * steps_per_token`,
-`block_length`, low-confidence remasking): greedy accuracy; `n` samples per problem at the config's
+For each checkpoint x task x remasking x `gen_length` in the config's grid (`steps = gen_length *
+steps_per_token`, `block_length`; low-confidence remasking, and others as rows of their own, labelled
+`task[random]`): greedy accuracy; `n` samples per problem at the config's
 temperature, scored for pass@k with the unbiased estimator `1 - C(n-c, k) / C(n, k)` at k = 1, 2, 4, ..., n;
 and per problem the number of distinct correct final answers, distinct correct completions, and the entropy
 of the commit step of each completion position across the samples (how spread the denoising paths are: a
@@ -45,7 +46,9 @@ class EvalConfig:
   gen_lengths: tuple[int, ...]
   steps_per_token: float
   block_length: int
-  remasking: str
+  # The sampler's remasking rules, each a row of its own: a model post-trained on random-remasking
+  # rollouts (the trajectory estimator) is evaluated with the sampler it was trained under too.
+  remasking: tuple[str, ...]
   num_samples: int
   temperature: float
   batch_size: int  # sampler rows per call
@@ -77,6 +80,15 @@ class EvalConfig:
       for split in self.splits:
         out.append((label if split == "test" else f"{label}@{split}", self.load(task, path, split)))
     return out
+
+  def rows(self) -> list[tuple[str, list, str]]:
+    """`(row label, problems, remasking)` for every task x split x remasking: low-confidence rows keep
+    the task's label, the others add `[remasking]` (`countdown[random]`)."""
+    return [
+      (label if r == "low_confidence" else f"{label}[{r}]", problems, r)
+      for label, problems in self.problem_sets()
+      for r in self.remasking
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +163,9 @@ def summarize(records: Sequence[dict]) -> dict:
 # Running
 
 
-def sampler_settings(cfg: EvalConfig, gen_length: int) -> dict:
-  """`steps = gen_length * steps_per_token`, rounded to a whole number of steps per block."""
+def sampler_settings(cfg: EvalConfig, gen_length: int, remasking: str | None = None) -> dict:
+  """`steps = gen_length * steps_per_token`, rounded to a whole number of steps per block; the
+  remasking is the config's first unless given."""
   block = min(cfg.block_length, gen_length)
   blocks = gen_length // block
   steps = max(1, round(gen_length * cfg.steps_per_token / blocks)) * blocks
@@ -160,7 +173,7 @@ def sampler_settings(cfg: EvalConfig, gen_length: int) -> dict:
     gen_length=gen_length,
     steps=steps,
     block_length=block,
-    remasking=cfg.remasking,
+    remasking=remasking or cfg.remasking[0],
     batch_size=cfg.batch_size,
   )
 
@@ -190,9 +203,9 @@ def evaluate_checkpoint(
   """Evaluates one loaded checkpoint over the task x length grid, appending records as it goes."""
   records_path = os.path.join(workdir, RECORDS_FILE)
   done = _read_records(records_path)
-  for task_label, problems in cfg.problem_sets():
+  for task_label, problems, remasking in cfg.rows():
     for gen_length in cfg.gen_lengths:
-      settings = sampler_settings(cfg, gen_length)
+      settings = sampler_settings(cfg, gen_length, remasking)
       for start in range(0, len(problems), cfg.problems_per_batch):
         batch = problems[start : start + cfg.problems_per_batch]
         keys = [(label, task_label, gen_length, p.id) for p in batch]
@@ -269,7 +282,7 @@ def run(
   labels = list(labels) or _labels(checkpoints)
   if len(labels) != len(checkpoints):
     raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
-  total = sum(len(problems) for _, problems in cfg.problem_sets())
+  total = sum(len(problems) for _, problems, _ in cfg.rows())
   total *= len(cfg.gen_lengths) * len(checkpoints)
   progress = metrics.Progress(total, enabled=show_progress, desc="eval")
   done: dict[tuple, dict] = {}

@@ -9,9 +9,14 @@ entry. The data are `struct.PyTreeNode`s with their shapes in their field names:
 samples of a prompt are consecutive rows), `Prepared` (rl.prepare's output, stacked over the inner
 updates), `Rows` (one inner update's view of both) and `Terms` (the policy's likelihoods).
 
+Estimators: `sequence` (the masked-diffusion surrogate over K masks: `estimator` pair | random_t |
+one_step), `token` (diffu-GRPO's one-step per-token log-probabilities) and `trajectory` (`estimator =
+"trajectory"`, for the sequence-level objectives: the exact log-probability of the rollout's recorded
+denoising path, one pass per sampler step; needs random remasking, see `trajectory_log_probs`).
+
 Dimension legend:
   B: prompts    G: samples per prompt    N: B*G rows    T: tokens    D: d_model
-  I: inner updates    K: masks per sequence
+  I: inner updates    K: masks per sequence    L: completion    V: vocabulary    S: sampler steps
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from trafl_jax import diffusion
+from trafl_jax import diffusion, sampler
 
 LOG_Z_KINDS = ("mlp", "batch_mean", "centred")
 RESIDUALS = ("square", "product")
@@ -39,7 +44,8 @@ class ObjectiveConfig:
   # The EOS fill after the answer is masked and scored with it, so `l` includes the answer's length (as
   # the reference's SFT loss does); False scores up to the first EOS, the fill always visible.
   score_eos_fill: bool = True
-  estimator: str = "pair"  # pair | random_t | one_step
+  # pair | random_t | one_step: the surrogate's masks; trajectory: the exact path (trajectory_log_probs)
+  estimator: str = "pair"
   num_masks: int = 2
   t_min: float = 0.2
   t_max: float = 0.8
@@ -55,6 +61,9 @@ class ObjectiveConfig:
   kl_coef: float = 0.04  # GRPO baselines' k3 KL to the reference
   prompt_mask_prob: float = 0.15  # diffu_grpo: prompt tokens masked in the one-step estimator
   micro_batches: int = 1  # prepare / update over this many micro-batches of whole prompt groups
+  # The sampler the rollouts came from (config_lib: the rl section's sampler keys): the trajectory
+  # estimator scores its paths with its logits and temperature. None where nothing reads it.
+  rollout: sampler.SamplerConfig | None = None
 
   def __post_init__(self):
     if self.objective not in OBJECTIVES:
@@ -65,12 +74,46 @@ class ObjectiveConfig:
       raise ValueError(f"beta must be positive, got {self.beta}")
     if self.residual not in RESIDUALS:
       raise ValueError(f"residual {self.residual!r} is not one of {RESIDUALS}")
+    if self.estimator == "trajectory":
+      check_trajectory(self)
     if self.residual == "product":
       if self.objective != "trafl":
         raise ValueError("residual 'product' is TraFL's; the other objectives have no residual")
       diffusion.independent_halves(self.estimator, self.num_masks)  # names what does not split
     if self.micro_batches < 1:
       raise ValueError(f"micro_batches must be at least 1, got {self.micro_batches}")
+
+
+def check_trajectory(ocfg: ObjectiveConfig) -> None:
+  """The settings the exact trajectory estimator needs, each named when it is missing."""
+  if OBJECTIVES[ocfg.objective].estimator != "sequence":
+    raise ValueError(
+      f"estimator 'trajectory' replaces the sequence-level surrogate (trafl, elbo_grpo, wd1); "
+      f"{ocfg.objective} scores with its own one-step token estimator"
+    )
+  if ocfg.rollout is None:
+    raise ValueError(
+      "estimator 'trajectory' scores the rollouts' paths: give the sampler (rollout)"
+    )
+  if ocfg.rollout.remasking != "random":
+    raise ValueError(
+      f"estimator 'trajectory' needs remasking 'random' (got {ocfg.rollout.remasking!r}): only when "
+      "the order of the commits does not depend on the model does its probability cancel in "
+      "p_theta / p_ref"
+    )
+  if ocfg.rollout.temperature <= 0:
+    raise ValueError(
+      "estimator 'trajectory' needs temperature > 0: a greedy rollout has no path probability"
+    )
+  if ocfg.residual == "product":
+    raise ValueError(
+      "estimator 'trajectory' is exact, so the residual has no mask noise: use residual 'square' "
+      "(the product of two draws of it is the same square)"
+    )
+  if not ocfg.score_eos_fill:
+    raise ValueError(
+      "estimator 'trajectory' scores the whole path, the EOS fill included: score_eos_fill must be True"
+    )
 
 
 class LogZHead(nn.Module):
@@ -192,6 +235,9 @@ class Rollout(struct.PyTreeNode):
   prompt_NxT: jax.Array
   completion_NxT: jax.Array
   rewards_N: jax.Array  # float32
+  # The sampler step that committed each completion position (-1 on the prompt): the denoising path
+  # the trajectory estimator scores.
+  commit_step_NxT: jax.Array  # int32
 
 
 class Prepared(struct.PyTreeNode):
@@ -225,6 +271,7 @@ class Rows(struct.PyTreeNode):
   logp_ref_NxT: jax.Array
   l_ref_2xN: jax.Array
   scored_NxT: jax.Array
+  commit_step_NxT: jax.Array
 
   @classmethod
   def of(cls, rollout: Rollout, prepared: Prepared, i) -> Rows:
@@ -242,6 +289,7 @@ class Rows(struct.PyTreeNode):
       logp_ref_NxT=prepared.logp_ref_IxNxT[i],
       l_ref_2xN=prepared.l_ref_Ix2xN[i],
       scored_NxT=prepared.scored_NxT,
+      commit_step_NxT=rollout.commit_step_NxT,
     )
 
 
@@ -343,9 +391,69 @@ def _score_one_step(model, params, rows: Rows, ocfg) -> Likelihood:
   return Likelihood(l_N, logp_NxT, jnp.stack([l_N, l_N]))
 
 
+def trajectory_log_probs(
+  model, params, tokens_NxT, valid_NxT, commit_step_NxT, scfg: sampler.SamplerConfig
+):
+  """`log pi(y_j | the state before the step s_j that committed j)` at every completion position j
+  (0 on the prompt), `NxT`: the sampler's own log-probabilities (`sampler.committed_log_probs`) of
+  the recorded path, from its logits (`sampler.completion_logits`: the same passes, guidance
+  included) at its temperature.
+
+  The state before step s is the prompt and the completion tokens committed at steps < s, MASK at the
+  others. One pass per step over all rows, in a `lax.scan` over the S steps: one step's logits
+  (`NxLxV`) alive at a time; under a gradient the S passes' activations are kept as K masked copies'
+  are (the model's `remat` and `rl.micro_batches` bound them).
+
+  With `random` remasking the order of the commits does not depend on the model, so the path's
+  probability under `pi` is the sum of these (as log) times an order probability that cancels in
+  `pi_theta / pi_ref`. At temperature T it is the path's probability under the tempered policy
+  `softmax(logits / T)` that sampled it, for the policy and the reference alike: TraFL's target is
+  then the reference sampled at T, tilted by `exp(beta r)` (at T = 1, the models themselves)."""
+  length = scfg.gen_length
+  p = tokens_NxT.shape[1] - length
+  mask_id = model.cfg.mask_token_id
+  prompt_NxT = valid_NxT & (commit_step_NxT < 0)  # the prompt's valid positions (classifier-free)
+  step_NxL = commit_step_NxT[:, p:]
+
+  def one(logp_NxL, s):
+    inputs_NxT = jnp.where(commit_step_NxT >= s, mask_id, tokens_NxT)  # the prompt's steps are -1
+    logits_NxLxV = sampler.completion_logits(
+      model, params, inputs_NxT, valid_NxT, p, scfg, prompt_NxT
+    )
+    logp_s_NxL = sampler.committed_log_probs(logits_NxLxV, tokens_NxT[:, p:], scfg.temperature)
+    return jnp.where(step_NxL == s, logp_s_NxL, logp_NxL), None
+
+  logp_NxL, _ = jax.lax.scan(one, jnp.zeros(step_NxL.shape, jnp.float32), jnp.arange(scfg.steps))
+  return jnp.concatenate([jnp.zeros((tokens_NxT.shape[0], p), jnp.float32), logp_NxL], axis=1)
+
+
+def _draw_trajectory(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
+  """Nothing to draw: the path is the rollout's own (the scored positions stand in for the masks)."""
+  del key, ocfg, mask_id
+  return scored_NxT[None], rollout.tokens_NxT
+
+
+def _score_trajectory(model, params, rows: Rows, ocfg) -> Likelihood:
+  """`l(y|x)`: the exact log-probability of the rollout's recorded path (`trajectory_log_probs`) over
+  the scored positions (the whole completion: `score_eos_fill` is required); exact, so its two
+  "halves" are the same value."""
+  logp_NxT = trajectory_log_probs(
+    model, params, rows.tokens_NxT, rows.valid_NxT, rows.commit_step_NxT, ocfg.rollout
+  )
+  l_N = jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1)
+  if ocfg.length_normalize:
+    l_N = l_N / jnp.maximum(rows.scored_NxT.sum(-1), 1).astype(jnp.float32)
+  return Likelihood(l_N, logp_NxT, jnp.stack([l_N, l_N]))
+
+
+def _trajectory_passes(ocfg) -> int:
+  return ocfg.rollout.steps * (2 if ocfg.rollout.cfg_scale > 0 else 1)
+
+
 ESTIMATORS = {
   "sequence": Estimator(_draw_masked_copies, _score_masked_copies, lambda ocfg: ocfg.num_masks),
   "token": Estimator(_draw_one_step, _score_one_step, lambda ocfg: 1),
+  "trajectory": Estimator(_draw_trajectory, _score_trajectory, _trajectory_passes),
 }
 
 
@@ -456,7 +564,11 @@ OBJECTIVES = {
 
 
 def estimator_of(ocfg: ObjectiveConfig) -> Estimator:
-  return ESTIMATORS[OBJECTIVES[ocfg.objective].estimator]
+  """The objective's estimator; `estimator = "trajectory"` replaces the sequence-level surrogate."""
+  name = OBJECTIVES[ocfg.objective].estimator
+  if name == "sequence" and ocfg.estimator == "trajectory":
+    name = "trajectory"
+  return ESTIMATORS[name]
 
 
 def learned_log_z(ocfg: ObjectiveConfig) -> bool:

@@ -9,6 +9,7 @@ job redoes only what is missing:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -102,7 +103,7 @@ def posttrain_stage(
 def evaluate_stage(config, checkpoints, workdir: str, labels=(), show_progress=True) -> dict:
   """Evaluation of `checkpoints` on the config's grid, with its model settings, mesh and rules."""
   return evaluate.run(
-    config_lib.eval_config(config),
+    evaluation_config(config),
     checkpoints,
     workdir,
     labels,
@@ -112,6 +113,16 @@ def evaluate_stage(config, checkpoints, workdir: str, labels=(), show_progress=T
     run_config=config_lib.record(config),
     target_beta=config.rl.beta,  # the tilted target at the run's beta, beside the reference
   )
+
+
+def evaluation_config(config: ml_collections.ConfigDict) -> evaluate.EvalConfig:
+  """The eval section, plus rows with the rollouts' remasking (`rl.remasking`) when it is not among
+  `eval.remasking`: a policy is evaluated with the sampler it was post-trained under as well (random
+  remasking for the trajectory estimator), and the reference beside it."""
+  cfg = config_lib.eval_config(config)
+  if config.rl.remasking not in cfg.remasking:
+    cfg = dataclasses.replace(cfg, remasking=(*cfg.remasking, config.rl.remasking))
+  return cfg
 
 
 def _finished(run_dir: str, num_steps: int) -> bool:

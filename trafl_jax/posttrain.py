@@ -109,17 +109,22 @@ def prompt_indices(num_problems: int, step: int, per_step: int, seed: int) -> np
   return np.asarray(out)
 
 
-def assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N) -> objectives.Rollout:
-  """The host rollout batch of (prompts, completions, rewards): the completion follows its left-padded
-  prompt, every completion position valid."""
+def assemble_rollout(
+  prompt_NxP, valid_NxP, completion_NxL, rewards_N, commit_step_NxL
+) -> objectives.Rollout:
+  """The host rollout batch of (prompts, completions, rewards, the sampler's commit steps): the
+  completion follows its left-padded prompt, every completion position valid; the prompt's commit
+  steps are -1."""
   completion_NxL = np.asarray(completion_NxL)
   ones_NxL, zeros_NxL = np.ones(completion_NxL.shape, bool), np.zeros(completion_NxL.shape, bool)
+  no_step_NxP = np.full(prompt_NxP.shape, -1, np.int32)
   return objectives.Rollout(
     tokens_NxT=np.concatenate([prompt_NxP, completion_NxL], 1).astype(np.int32),
     valid_NxT=np.concatenate([valid_NxP, ones_NxL], 1),
     prompt_NxT=np.concatenate([valid_NxP, zeros_NxL], 1),
     completion_NxT=np.concatenate([np.zeros(prompt_NxP.shape, bool), ones_NxL], 1),
     rewards_N=np.asarray(rewards_N, np.float32),
+    commit_step_NxT=np.concatenate([no_step_NxP, commit_step_NxL], 1).astype(np.int32),
   )
 
 
@@ -305,15 +310,20 @@ class PostTraining:
     prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
     prompts = sharding.global_batch((prompt_NxP, valid_NxP), mesh, rules)
     key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
-    completion, _ = self.steps.generate(params, *prompts, key)
-    completion_NxL = sharding.local_rows(completion)
+    completion, commit_step, _ = self.steps.generate(params, *prompts, key)
+    completion_NxL, commit_step_NxL = (
+      sharding.local_rows(completion),
+      sharding.local_rows(commit_step),
+    )
     t1 = time.perf_counter()
     texts = [ref.decode(c) for c in completion_NxL]
     owners = [self.train.problems[i] for i in idx for _ in range(g)]
     rewards_N = np.asarray(tasks_lib.rewards(owners, texts), np.float32)
     t2 = time.perf_counter()
     rollout = sharding.global_batch(
-      assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N), mesh, rules
+      assemble_rollout(prompt_NxP, valid_NxP, completion_NxL, rewards_N, commit_step_NxL),
+      mesh,
+      rules,
     )
     return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1)
 

@@ -105,7 +105,12 @@ def rollout_shardings(mesh, rules) -> objectives.Rollout:
   """Shardings of a rollout batch: rows over the data axes."""
   rows_2d = sharding.batch_sharding(mesh, rules, 2)
   return objectives.Rollout(
-    rows_2d, rows_2d, rows_2d, rows_2d, sharding.batch_sharding(mesh, rules, 1)
+    tokens_NxT=rows_2d,
+    valid_NxT=rows_2d,
+    prompt_NxT=rows_2d,
+    completion_NxT=rows_2d,
+    rewards_N=sharding.batch_sharding(mesh, rules, 1),
+    commit_step_NxT=rows_2d,
   )
 
 
@@ -267,6 +272,7 @@ def prepare(
       logp_ref_NxT=None,
       l_ref_2xN=None,
       scored_NxT=scored_NxT,
+      commit_step_NxT=rollout.commit_step_NxT,
     )
     old = _likelihoods(model, state.params, rows, ocfg)
     ref = _likelihoods(model, ref_params, rows, ocfg)

@@ -41,6 +41,8 @@ class Completion:
   text: str
   tokens: np.ndarray  # the whole completion region, EOS fill included
   commit_steps: np.ndarray  # the denoising step that committed each completion position
+  # each position's log-probability under the distribution it was drawn from (sampler.generate)
+  log_probs: np.ndarray
 
 
 def _read_json(path: str) -> dict:
@@ -188,8 +190,13 @@ class Generator:
   ) -> list[Completion]:
     """Completions of text prompts; `settings` are `generate_ids`'s sampler settings."""
     encoded = [self.encode(p, chat) for p in prompts]
-    tokens, commit_steps = self.generate_ids(encoded, seed=seed, batch_size=batch_size, **settings)
-    return [Completion(p, self.decode(t), t, c) for p, t, c in zip(prompts, tokens, commit_steps)]
+    tokens, commit_steps, log_probs = self.generate_ids(
+      encoded, seed=seed, batch_size=batch_size, **settings
+    )
+    return [
+      Completion(p, self.decode(t), t, c, lp)
+      for p, t, c, lp in zip(prompts, tokens, commit_steps, log_probs)
+    ]
 
   def generate_ids(
     self,
@@ -203,9 +210,10 @@ class Generator:
     cfg_scale: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """`(completion_NxL, commit_step_NxL)` for prompts given as token ids (no tokenizer needed): the
-    whole completion region (EOS fill included) and the denoising step that committed each position."""
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(completion_NxL, commit_step_NxL, logp_NxL)` for prompts given as token ids (no tokenizer
+    needed): the whole completion region (EOS fill included), the denoising step that committed each
+    position and its log-probability when it was drawn (`sampler.generate`)."""
     scfg = sampler.SamplerConfig(
       gen_length=gen_length,
       steps=steps,
@@ -217,17 +225,18 @@ class Generator:
     generate = self._fn(scfg)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch_size = -(-max(batch_size, 1) // shards) * shards
-    tokens, commit_steps = [], []
+    tokens, commit_steps, log_probs = [], [], []
     for start in range(0, len(prompt_ids), batch_size):
       chunk = prompt_ids[start : start + batch_size]
       prompt_BxP, valid_BxP = self.pad_prompts(chunk, batch_size)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
       out = map(sharding.to_host, generate(self.params, prompt_BxP, valid_BxP, rng))
-      for acc, value in zip((tokens, commit_steps), out):
+      for acc, value in zip((tokens, commit_steps, log_probs), out):
         acc.append(value[: len(chunk)])
     if not tokens:
-      return np.zeros((0, gen_length), np.int32), np.zeros((0, gen_length), np.int32)
-    return np.concatenate(tokens), np.concatenate(commit_steps)
+      empty = np.zeros((0, gen_length), np.int32)
+      return empty, empty, empty.astype(np.float32)
+    return np.concatenate(tokens), np.concatenate(commit_steps), np.concatenate(log_probs)
 
   def pad_prompts(self, encoded: Sequence[Sequence[int]], rows: int, width: int | None = None):
     """Left-pads token lists into `[rows, width]` (width: the longest rounded up to 32, so a stream of
@@ -315,7 +324,7 @@ def main(argv) -> None:
       texts = [p.replace("\\n", "\n") for p in prompts]
       completions = generator.generate(texts, chat=chat, **settings)
     if ids:
-      tokens, _ = generator.generate_ids(ids, **settings)
+      tokens, _, _ = generator.generate_ids(ids, **settings)
   except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -6,7 +6,10 @@ number of tokens committed per step is the block's size split evenly over its st
 step runs the model over the whole sequence, samples a token at every position (Gumbel-max at
 `temperature`, argmax at 0, over the whole vocabulary as LLaDA does), scores it (`low_confidence`: its
 softmax probability; `random`: a uniform draw), and commits the top-k still-masked positions of the current
-block and earlier. Committed tokens never change.
+block and earlier. Committed tokens never change. Besides the tokens it records, for every completion
+position, the step that committed it and the log-probability of the committed token under the distribution
+it was drawn from (`committed_log_probs`): the rollout's denoising path, which the trajectory estimator
+(objectives.py) scores again under other parameters.
 
 Dimension legend:
   B: batch    P: prompt length    L: gen_length    T: P + L    V: vocabulary    S: steps
@@ -106,8 +109,21 @@ def top_k_mask(score_BxL: jax.Array, eligible_BxL: jax.Array, k: jax.Array) -> j
   return (rank_BxL < k) & eligible_BxL
 
 
-def _logits(model, params, tokens_BxT, valid_BxT, prompt_len: int, cfg: SamplerConfig, prompt_BxT):
-  """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass)."""
+def committed_log_probs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, temperature: float):
+  """`log softmax(logits / temperature)[token]` in float32: the log-probability of a token under the
+  distribution the sampler draws it from (Gumbel-max at `temperature`). At temperature 0 (greedy, a
+  point mass) it is the model's own `log softmax(logits)[token]`. Written as reductions over V, as
+  `chosen_probability` is, so no second BxLxV array is held."""
+  scaled_BxLxV = logits_BxLxV.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+  chosen_BxL = jnp.take_along_axis(scaled_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+  return chosen_BxL - jax.nn.logsumexp(scaled_BxLxV, axis=-1)
+
+
+def completion_logits(
+  model, params, tokens_BxT, valid_BxT, prompt_len: int, cfg: SamplerConfig, prompt_BxT
+):
+  """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass). The
+  trajectory estimator calls it too, so it scores exactly the logits the sampler drew from."""
   if cfg.cfg_scale > 0:
     unconditional_BxT = jnp.where(prompt_BxT, model.cfg.mask_token_id, tokens_BxT)
     both = jnp.concatenate([tokens_BxT, unconditional_BxT], axis=0)
@@ -137,6 +153,7 @@ def denoise_step(
   i: jax.Array,
   tokens_BxT: jax.Array,
   commit_step_BxL: jax.Array,
+  logp_BxL: jax.Array,
   *,
   params,
   valid_BxT: jax.Array,
@@ -144,13 +161,14 @@ def denoise_step(
   rng: jax.Array,
   model: nn.Module,
   cfg: SamplerConfig,
-) -> tuple[jax.Array, jax.Array]:
-  """One step: sample every position, commit the top-k eligible ones by confidence."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step: sample every position, commit the top-k eligible ones by confidence; the committed
+  positions record the step and the sampled token's log-probability (`committed_log_probs`)."""
   b = tokens_BxT.shape[0]
   length = cfg.gen_length
   p = tokens_BxT.shape[1] - length
   mask_id = model.cfg.mask_token_id
-  logits_BxLxV = _logits(model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT)
+  logits_BxLxV = completion_logits(model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT)
   step_rng = jax.random.fold_in(rng, i)
   if cfg.temperature > 0:
     # argmax(logits / T + Gumbel) samples softmax(logits / T); LLaDA writes the same draw as
@@ -171,7 +189,9 @@ def denoise_step(
   commit_BxL = top_k_mask(confidence_BxL, eligible_BxL, jnp.asarray(commit_schedule(cfg))[i])
   completion_BxL = jnp.where(commit_BxL, sampled_BxL.astype(jnp.int32), completion_BxL)
   commit_step_BxL = jnp.where(commit_BxL, i, commit_step_BxL)
-  return tokens_BxT.at[:, p:].set(completion_BxL), commit_step_BxL
+  logp_sampled_BxL = committed_log_probs(logits_BxLxV, sampled_BxL, cfg.temperature)
+  logp_BxL = jnp.where(commit_BxL, logp_sampled_BxL, logp_BxL)
+  return tokens_BxT.at[:, p:].set(completion_BxL), commit_step_BxL, logp_BxL
 
 
 def generate(
@@ -182,8 +202,13 @@ def generate(
   *,
   model: nn.Module,
   cfg: SamplerConfig,
-) -> tuple[jax.Array, jax.Array]:
-  """Returns `(completion_BxL, commit_step_BxL)`: the tokens and the step that committed each."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Returns `(completion_BxL, commit_step_BxL, logp_BxL)`: the tokens, the step that committed each,
+  and its log-probability under the distribution it was drawn from at that step (`committed_log_probs`:
+  at temperature T, `log softmax(logits / T)`). With `random` remasking the order of the commits does
+  not depend on the model, and `logp_BxL.sum(-1)` is the log-probability of the rollout's path up to
+  that order's probability. (A sampled MASK id stays eligible, as in LLaDA, and is committed again
+  later; only the last commit of a position is recorded.)"""
   p = prompt_BxP.shape[1]
   tokens_BxT, valid_BxT, prompt_BxT = prepare(
     prompt_BxP, prompt_valid_BxP, cfg, model.cfg.mask_token_id
@@ -197,19 +222,22 @@ def generate(
     model=model,
     cfg=cfg,
   )
-  init = (tokens_BxT, jnp.full(tokens_BxT[:, p:].shape, -1, jnp.int32))
-  tokens_BxT, commit_step_BxL = jax.lax.fori_loop(0, cfg.steps, lambda i, c: step(i, *c), init)
-  return tokens_BxT[:, p:], commit_step_BxL
+  shape_BxL = tokens_BxT[:, p:].shape
+  init = (tokens_BxT, jnp.full(shape_BxL, -1, jnp.int32), jnp.zeros(shape_BxL, jnp.float32))
+  tokens_BxT, commit_step_BxL, logp_BxL = jax.lax.fori_loop(
+    0, cfg.steps, lambda i, c: step(i, *c), init
+  )
+  return tokens_BxT[:, p:], commit_step_BxL, logp_BxL
 
 
 def make_generate_fn(model: nn.Module, cfg: SamplerConfig, mesh, rules, param_shardings):
-  """`(params, prompt_BxP, prompt_valid_BxP, rng) -> (completion_BxL, commit_step_BxL)`, jitted once
+  """`(params, prompt_BxP, prompt_valid_BxP, rng) -> (completion_BxL, commit_step_BxL, logp_BxL)`, jitted once
   per prompt shape with the batch sharded on the data axes and parameters as in training."""
   batch = sharding.batch_sharding(mesh, rules)
   fn = jax.jit(
     functools.partial(generate, model=model, cfg=cfg),
     in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
-    out_shardings=(batch, batch),
+    out_shardings=(batch, batch, batch),
   )
 
   def run(params, prompt_BxP, prompt_valid_BxP, rng):

@@ -267,6 +267,7 @@ def prepare(
       logp_ref_NxT=None,
       l_ref_2xN=None,
       scored_NxT=scored_NxT,
+      tokens_per_row_N=None,
     )
     old = _likelihoods(model, state.params, rows, ocfg)
     ref = _likelihoods(model, ref_params, rows, ocfg)

@@ -116,6 +116,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.importance_clip = 0.2
   c.rl.clip_eps = 0.5
   c.rl.kl_coef = 0.04
+  # The GRPO baselines' mean over tokens: sequence | token | group (d1's; the d1 variant sets it).
+  c.rl.loss_aggregation = "sequence"
   c.rl.prompt_mask_prob = 0.15
   c.rl.num_inner_updates = 1
   # Gradient accumulation: prepare and update run over this many micro-batches of whole prompt groups
@@ -192,6 +194,29 @@ def llada_8b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
   c.eval.steps_per_token = 0.5
   c.eval.temperature = 0.9
   c.eval.batch_size = 32
+
+
+# d1's diffu-GRPO settings (dllm-reasoning/d1, diffu-grpo/slurm_scripts/*.yaml and *.sbatch): mu inner
+# updates per rollout batch (12 for GSM8K and MATH, 8 for Countdown and Sudoku), PPO clip 0.5, k3 KL
+# 0.04, rollouts at temperature 0.9, AdamW weight decay 0.1, gradient norm clipped at 0.2, the loss the
+# token mean of each device micro-batch (one prompt group of 6), completions scored up to their first EOS.
+D1_INNER_UPDATES = {"countdown": 8, "sudoku": 8}
+
+
+def d1_baselines(c: ml_collections.ConfigDict) -> None:
+  """d1's training settings for every objective (the learning rate, G and lengths stay with the
+  model-size variant: llada_8b_posttraining has d1's). TraFL reusing a rollout batch for several
+  updates weights its samples by the clipped ratio to the rollout policy (importance_weights)."""
+  c.rl.num_inner_updates = D1_INNER_UPDATES.get(c.rl.task, 12)
+  c.rl.clip_eps = 0.5
+  c.rl.kl_coef = 0.04
+  c.rl.temperature = 0.9
+  c.rl.loss_aggregation = "group"
+  c.rl.score_eos_fill = False
+  c.rl.weight_decay = 0.1
+  c.rl.grad_clip = 0.2
+  c.rl.prompt_mask_prob = 0.15
+  c.rl.importance_weights = True
 
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:

@@ -8,6 +8,12 @@ CPU (the README's main command; ~12 minutes on 2 cores):
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math
 A baseline on the same reference:
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math --config.rl.objective=diffu_grpo
+The baselines as d1 runs them (variant d1: 8 inner updates per rollout batch on Countdown, 12 on GSM8K,
+clip 0.5, KL 0.04, temperature 0.9, the token mean per prompt group; combine with tiny or gsm8k):
+  python -m trafl_jax.main --config=configs/math.py:d1 --workdir=runs/math --config.rl.objective=diffu_grpo
+  python -m trafl_jax.main --config=configs/math.py:gsm8k,d1 --workdir=runs/gsm8k_d1 \
+    --config.rl.objective=diffu_grpo --config.rl.reference=/ckpt/llada8b \
+    --config.rl.train_path=/data/gsm8k/train.jsonl
 Test-sized (seconds):
   python -m trafl_jax.main --config=configs/math.py:tiny --workdir=/tmp/tiny
 Evaluation of any checkpoints on this config's grid:
@@ -32,7 +38,7 @@ Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference maki
 
 from configs import common
 
-VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_sft", "bf16", "fsdp", "constant")
+VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
 
 
 def get_config(arg: str | None = None):
@@ -103,5 +109,7 @@ def get_config(arg: str | None = None):
     c.mesh.fsdp = -1
   if "constant" in variants:
     c.optim.schedule = "constant"
+  if "d1" in variants:  # after the task is set: d1's inner updates depend on it
+    common.d1_baselines(c)
   c.lock()
   return c

@@ -2,7 +2,10 @@
 several seeds, evaluated together (pass@k up to k = eval_samples, distinct correct answers, two lengths).
 
   python scripts/compare.py --workdir=runs/compare --seeds=0,1,2 \
-    --objectives=diffu_grpo,elbo_grpo,trafl --eval_samples=64 --eval_limit=200
+    --objectives=diffu_grpo,elbo_grpo,wd1,trafl --eval_samples=64 --eval_limit=200
+
+With the baselines as d1 runs them (8 inner updates per rollout batch on Countdown, clip 0.5, KL 0.04,
+temperature 0.9, the token mean per prompt group; TraFL then weights its reused samples): --variant=d1.
 
 Writes <workdir>/eval/{eval.json,eval.md,passk.png,results.json} (every run; passk.png one colour per
 objective, its mean over seeds with a band, and pass@k minus the reference's), <workdir>/summary.md (mean and
@@ -29,7 +32,9 @@ from trafl_jax import cli, config_lib, eval_report, pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where everything goes.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Post-training seeds.")
-_OBJECTIVES = flags.DEFINE_list("objectives", ["diffu_grpo", "elbo_grpo", "trafl"], "Objectives.")
+_OBJECTIVES = flags.DEFINE_list(
+  "objectives", ["diffu_grpo", "elbo_grpo", "wd1", "trafl"], "Objectives."
+)
 _VARIANT = flags.DEFINE_string(
   "variant", "", "configs/math.py variant (e.g. tiny for a smoke test)."
 )

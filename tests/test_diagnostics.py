@@ -142,6 +142,8 @@ def test_step_metrics_per_objective(objective, log_z, head, residual):
     logp_ref_NxT=None,
     l_ref_2xN=None,
     scored_NxT=None,
+    commit_step_NxT=None,
+    tokens_per_row_N=None,
   )
   m = diagnostics.step_metrics(ocfg, terms, rows, 4, jnp.asarray(LENGTH.reshape(-1)))
   assert float(m["diag/tilt"]) == pytest.approx(BETA, rel=1e-5)

@@ -27,7 +27,10 @@ CASES = {
   "trafl_batch_mean": dict(objective="trafl", log_z="batch_mean", importance_weights=True),
   "trafl_product": dict(objective="trafl", residual="product", num_masks=4),
   "diffu_grpo": dict(objective="diffu_grpo"),
+  # The batch's token mean: each micro-batch divides by the whole batch's count.
+  "diffu_grpo_token": dict(objective="diffu_grpo", loss_aggregation="token"),
   "elbo_grpo": dict(objective="elbo_grpo"),
+  "elbo_grpo_token": dict(objective="elbo_grpo", loss_aggregation="token", score_eos_fill=False),
   "wd1": dict(objective="wd1"),
   "trafl_trajectory": dict(objective="trafl", estimator="trajectory", rollout=ROLLOUT),
 }
@@ -98,7 +101,7 @@ MICRO = {"trafl_mlp": (2, 4)}
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_micro_batches_give_the_step_of_one_pass(case):
   batch = _batch(prompts=4, group=3)
-  inner = 2 if case == "elbo_grpo" else 1  # the selected inner iteration's masks are used
+  inner = 2 if case.startswith("elbo_grpo") else 1  # the selected inner iteration's masks are used
   before, _ = _state()
   prepared_1, state_1, metrics_1 = _run(case, 1, batch, group=3, inner=inner)
   assert float(metrics_1["rl/grad_norm"]) > 0

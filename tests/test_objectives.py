@@ -52,45 +52,130 @@ def test_importance_weights_are_clipped_and_constant():
   np.testing.assert_array_equal(g, 0.0)
 
 
-def test_diffu_grpo_matches_hand_computation():
-  logp_theta = np.array([[-1.0, -2.0, -0.5], [-0.3, -1.2, -9.0]], np.float32)
-  logp_old = np.array([[-1.2, -1.5, -0.5], [-0.3, -2.2, -1.0]], np.float32)
-  logp_ref = np.array([[-1.1, -2.5, -0.4], [-0.5, -1.0, -3.0]], np.float32)
-  scored = np.array([[1, 1, 1], [1, 1, 0]], bool)
-  adv = np.array([0.5, -0.5], np.float32)
+def _hand_token_mean(values, scored, how, group_size):
+  """`objectives.token_mean` by loops: per row, per group of rows, or per token of the batch."""
+  if how == "sequence":
+    return np.mean([values[i][scored[i]].mean() for i in range(len(values))])
+  if how == "group":
+    groups = range(0, len(values), group_size)
+    return np.mean([values[g : g + group_size][scored[g : g + group_size]].mean() for g in groups])
+  return values[scored].mean()
+
+
+@pytest.mark.parametrize("how", objectives.AGGREGATIONS)
+def test_diffu_grpo_matches_hand_computation(how):
+  logp_theta = np.array(
+    [[-1.0, -2.0, -0.5], [-0.3, -1.2, -9.0], [-0.7, -0.2, -1.0], [-2.0, -0.1, -0.4]], np.float32
+  )
+  logp_old = np.array(
+    [[-1.2, -1.5, -0.5], [-0.3, -2.2, -1.0], [-0.2, -0.9, -1.0], [-1.0, -0.1, -0.9]], np.float32
+  )
+  logp_ref = np.array(
+    [[-1.1, -2.5, -0.4], [-0.5, -1.0, -3.0], [-0.7, -0.3, -1.5], [-1.5, -0.2, -0.3]], np.float32
+  )
+  scored = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)  # lengths differ
+  adv = np.array([0.5, -0.5, 1.0, -1.0], np.float32)
   eps, kl_coef = 0.5, 0.04
-  want = []
-  for i in range(2):
-    terms = []
+  per_token = np.zeros_like(logp_theta)
+  kl = np.zeros_like(logp_theta)
+  clipped = np.zeros_like(logp_theta)
+  for i in range(4):
     for j in range(3):
-      if not scored[i, j]:
-        continue
       ratio = np.exp(logp_theta[i, j] - logp_old[i, j])
       surr = min(ratio * adv[i], np.clip(ratio, 1 - eps, 1 + eps) * adv[i])
       x = logp_ref[i, j] - logp_theta[i, j]
-      terms.append(-(surr - kl_coef * (np.exp(x) - x - 1)))
-    want.append(np.mean(terms))
+      kl[i, j] = np.exp(x) - x - 1
+      per_token[i, j] = -(surr - kl_coef * kl[i, j])
+      clipped[i, j] = (adv[i] > 0 and ratio > 1 + eps) or (adv[i] < 0 and ratio < 1 - eps)
   loss, metrics = objectives.diffu_grpo_loss(
-    logp_theta, logp_old, logp_ref, scored, adv, eps, kl_coef
+    logp_theta, logp_old, logp_ref, scored, adv, eps, kl_coef, how, group_size=2
   )
-  assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
-  assert float(metrics["grpo/kl"]) > 0
+  assert float(loss) == pytest.approx(_hand_token_mean(per_token, scored, how, 2), rel=1e-5)
+  assert float(metrics["grpo/kl"]) == pytest.approx(_hand_token_mean(kl, scored, how, 2), rel=1e-5)
+  assert 0 < float(metrics["grpo/clip_fraction"]) < 1  # rows 0, 2 and 3 have a clipped token
+  assert float(metrics["grpo/clip_fraction"]) == pytest.approx(
+    _hand_token_mean(clipped, scored, how, 2), rel=1e-6
+  )
 
 
-def test_elbo_grpo_matches_hand_computation():
-  l_theta = np.array([-10.0, -12.0, -8.0], np.float32)
-  l_old = np.array([-10.5, -11.0, -8.0], np.float32)
-  l_ref = np.array([-11.0, -12.0, -7.0], np.float32)
-  length = np.array([5.0, 4.0, 2.0], np.float32)
-  adv = np.array([1.0, -1.0, 0.0], np.float32)
-  want = []
-  for i in range(3):
+def test_the_three_aggregations_differ_and_token_is_exact_over_micro_batches():
+  rng = np.random.default_rng(4)
+  values = rng.normal(size=(6, 5)).astype(np.float32)
+  scored = np.arange(5)[None] < np.array([[1], [5], [2], [4], [3], [5]])
+  means = {
+    how: float(objectives.token_mean(values, scored, how, group_size=3))
+    for how in objectives.AGGREGATIONS
+  }
+  for how, got in means.items():
+    assert got == pytest.approx(_hand_token_mean(values, scored, how, 3), rel=1e-5)
+  assert len({round(v, 5) for v in means.values()}) == 3  # unequal lengths: three different means
+  # Two micro-batches of one group each: with the batch's tokens per row their mean is the batch's
+  # token mean; with each micro-batch's own count it is not.
+  per_row = np.full(6, scored.sum() / 6, np.float32)
+  halves = [
+    float(objectives.token_mean(values[s], scored[s], "token", 3, per_row[s]))
+    for s in (slice(0, 3), slice(3, 6))
+  ]
+  assert np.mean(halves) == pytest.approx(means["token"], rel=1e-5)
+  own = [
+    float(objectives.token_mean(values[s], scored[s], "token", 3))
+    for s in (slice(0, 3), slice(3, 6))
+  ]
+  assert np.mean(own) != pytest.approx(means["token"], rel=1e-3)
+
+
+def test_the_clip_takes_the_gradient_of_tokens_past_it_in_the_advantages_direction():
+  """Ratios 1.0, 1.3, 2.0 and 0.4 on a row with A > 0 and one with A < 0 (eps 0.5, no KL): the clip
+  zeroes the gradient of ratio 2.0 when A > 0 (more would gain) and of ratio 0.4 when A < 0; every other
+  token keeps its gradient, including those past the clip against the advantage (pessimistic min)."""
+  log_ratio = np.log(np.array([[1.0, 1.3, 2.0, 0.4]] * 2, np.float32))
+  logp_old = np.full((2, 4), -1.0, np.float32)
+  adv = np.array([1.0, -1.0], np.float32)
+  scored = np.ones((2, 4), bool)
+
+  def loss(logp_theta):
+    return objectives.diffu_grpo_loss(
+      logp_theta, logp_old, logp_old, scored, adv, 0.5, 0.0, "token"
+    )
+
+  grad = np.asarray(jax.grad(lambda x: loss(x)[0])(jnp.asarray(logp_old + log_ratio)))
+  inactive = np.array([[0, 0, 1, 0], [0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(grad[inactive], 0.0)
+  assert np.all(np.abs(grad[~inactive]) > 1e-3)
+  # d(-ratio * A / 8) / d log_ratio = -ratio * A / 8 where the clip is not active.
+  ratio = np.exp(log_ratio)
+  np.testing.assert_allclose(grad[~inactive], (-ratio * adv[:, None] / 8)[~inactive], rtol=1e-5)
+  _, metrics = loss(jnp.asarray(logp_old + log_ratio))
+  assert float(metrics["grpo/clip_fraction"]) == pytest.approx(2 / 8)
+  assert float(metrics["grpo/ratio_mean"]) == pytest.approx(ratio.mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("how", objectives.AGGREGATIONS)
+def test_elbo_grpo_matches_hand_computation(how):
+  l_theta = np.array([-10.0, -12.0, -8.0, -9.0], np.float32)
+  l_old = np.array([-10.5, -11.0, -8.0, -9.5], np.float32)
+  l_ref = np.array([-11.0, -12.0, -7.0, -9.0], np.float32)
+  rng = np.random.default_rng(2)
+  logp_theta = rng.normal(-2, 0.5, (4, 5)).astype(np.float32)
+  logp_ref = (logp_theta + rng.normal(0, 0.3, (4, 5))).astype(np.float32)
+  scored = np.arange(5)[None] < np.array([[5], [4], [2], [3]])
+  adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+  surrogate, kl = [], np.zeros((4, 5))
+  for i in range(4):
     ratio = np.exp(l_theta[i] - l_old[i])
-    surr = min(ratio * adv[i], np.clip(ratio, 0.5, 1.5) * adv[i])
-    x = (l_ref[i] - l_theta[i]) / length[i]
-    want.append(-(surr - 0.04 * (np.exp(x) - x - 1)))
-  loss, _ = objectives.elbo_grpo_loss(l_theta, l_old, l_ref, length, adv, 0.5, 0.04)
-  assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
+    surrogate.append(-min(ratio * adv[i], np.clip(ratio, 0.5, 1.5) * adv[i]))
+    for j in range(5):
+      x = logp_ref[i, j] - logp_theta[i, j]  # per token, the same masked copy: d1's k3
+      kl[i, j] = np.exp(x) - x - 1
+  want_kl = _hand_token_mean(kl, scored, how, 2)
+  loss, metrics = objectives.elbo_grpo_loss(
+    l_theta, l_old, l_ref, logp_theta, logp_ref, scored, adv, 0.5, 0.04, how, group_size=2
+  )
+  assert float(loss) == pytest.approx(np.mean(surrogate) + 0.04 * want_kl, rel=1e-5)
+  assert float(metrics["grpo/kl"]) == pytest.approx(want_kl, rel=1e-5)
+  # Ratios e^0.5, e^-1, 1, e^0.5: the clip acts on rows 0 (A > 0) and 1 (A < 0), not on row 3 (past
+  # 1 + eps against its negative advantage: the min keeps the unclipped term).
+  assert float(metrics["grpo/clip_fraction"]) == pytest.approx(2 / 4)
 
 
 def test_wd1_matches_hand_computation():
@@ -125,6 +210,8 @@ def test_bad_objective_settings_are_named():
     objectives.ObjectiveConfig(objective="ppo")
   with pytest.raises(ValueError, match="log_z"):
     objectives.ObjectiveConfig(log_z="learned")
+  with pytest.raises(ValueError, match="loss_aggregation 'batch' is not one of"):
+    objectives.ObjectiveConfig(loss_aggregation="batch")
 
 
 def _terms_and_rows(b: int, g: int, seed: int):
@@ -155,6 +242,8 @@ def _terms_and_rows(b: int, g: int, seed: int):
     logp_ref_NxT=zeros_NxT,
     l_ref_2xN=jnp.stack([l_ref_N, l_ref_N]) + f32(rng.normal(0, 0.3, (2, n))),
     scored_NxT=zeros_NxT,
+    commit_step_NxT=zeros_NxT,
+    tokens_per_row_N=jnp.ones((n,)),
   )
   return terms, rows
 

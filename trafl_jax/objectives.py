@@ -34,6 +34,7 @@ from trafl_jax import diffusion, sampler
 
 LOG_Z_KINDS = ("mlp", "batch_mean", "centred")
 RESIDUALS = ("square", "product")
+AGGREGATIONS = ("sequence", "token", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,11 @@ class ObjectiveConfig:
   importance_clip: float = 0.2
   clip_eps: float = 0.5  # GRPO baselines' PPO clip
   kl_coef: float = 0.04  # GRPO baselines' k3 KL to the reference
+  # How the GRPO baselines average per-token terms (diffu_grpo's loss, elbo_grpo's KL): "sequence" =
+  # each row's mean over its scored tokens, then the mean over rows; "token" = every scored token of the
+  # batch weighs the same (sum / the batch's count, exact under micro-batches); "group" = the token mean
+  # of each prompt group, then the mean over groups (what d1 computes: its TRL micro-batch is one group).
+  loss_aggregation: str = "sequence"
   prompt_mask_prob: float = 0.15  # diffu_grpo: prompt tokens masked in the one-step estimator
   micro_batches: int = 1  # prepare / update over this many micro-batches of whole prompt groups
   # The sampler the rollouts came from (config_lib: the rl section's sampler keys): the trajectory
@@ -76,6 +82,8 @@ class ObjectiveConfig:
       raise ValueError(f"residual {self.residual!r} is not one of {RESIDUALS}")
     if self.estimator == "trajectory":
       check_trajectory(self)
+    if self.loss_aggregation not in AGGREGATIONS:
+      raise ValueError(f"loss_aggregation {self.loss_aggregation!r} is not one of {AGGREGATIONS}")
     if self.residual == "product":
       if self.objective != "trafl":
         raise ValueError("residual 'product' is TraFL's; the other objectives have no residual")
@@ -194,26 +202,95 @@ def _clipped_surrogate(log_ratio, advantage, eps):
   return jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * advantage)
 
 
+def clip_active(log_ratio, advantage, eps):
+  """Where the PPO clip takes the gradient away: the ratio is past `1 +- eps` in the advantage's
+  direction (A > 0 and ratio > 1 + eps, or A < 0 and ratio < 1 - eps)."""
+  ratio = jnp.exp(log_ratio)
+  return ((advantage > 0) & (ratio > 1.0 + eps)) | ((advantage < 0) & (ratio < 1.0 - eps))
+
+
+def token_mean(values_NxT, scored_NxT, how: str, group_size: int = 1, tokens_per_row_N=None):
+  """The mean of per-token values over the scored tokens (`AGGREGATIONS`). "token" divides the rows'
+  sum by `N * tokens_per_row` (the whole batch's scored tokens per row, the same on every row), so a
+  micro-batch's value is its share of the batch's token mean and the mean over equal micro-batches is
+  exactly the batch's; without it, the rows' own count."""
+  sums_N = jnp.where(scored_NxT, values_NxT, 0.0).sum(-1)
+  count_N = scored_NxT.sum(-1).astype(jnp.float32)
+  if how == "sequence":
+    return jnp.mean(sums_N / jnp.maximum(count_N, 1.0))
+  if how == "group":
+    sums_B, count_B = _grouped(sums_N, group_size).sum(1), _grouped(count_N, group_size).sum(1)
+    return jnp.mean(sums_B / jnp.maximum(count_B, 1.0))
+  if how != "token":
+    raise ValueError(f"aggregation {how!r} is not one of {AGGREGATIONS}")
+  per_row = count_N.mean() if tokens_per_row_N is None else tokens_per_row_N.mean()
+  denominator = sums_N.shape[0] * per_row
+  return jnp.where(denominator > 0, sums_N.sum() / jnp.maximum(denominator, 1e-6), 0.0)
+
+
 def diffu_grpo_loss(
-  logp_theta_NxT, logp_old_NxT, logp_ref_NxT, tokens_NxT, advantage_N, eps, kl_coef
+  logp_theta_NxT,
+  logp_old_NxT,
+  logp_ref_NxT,
+  tokens_NxT,
+  advantage_N,
+  eps,
+  kl_coef,
+  aggregation: str = "sequence",
+  group_size: int = 1,
+  tokens_per_row_N=None,
 ):
   """d1's token-level loss: PPO clip on per-token ratios of the one-step estimator plus k3 KL to the
-  reference, averaged over each sequence's scored tokens, then over sequences."""
-  surrogate = _clipped_surrogate(logp_theta_NxT - logp_old_NxT, advantage_N[:, None], eps)
+  reference of the same masked input, per token, averaged over the scored tokens by `aggregation`
+  (`token_mean`; d1: "group")."""
+  log_ratio_NxT = logp_theta_NxT - logp_old_NxT
+  surrogate = _clipped_surrogate(log_ratio_NxT, advantage_N[:, None], eps)
   kl = k3(logp_ref_NxT - logp_theta_NxT)
   per_token = -(surrogate - kl_coef * kl)
-  count_N = jnp.maximum(tokens_NxT.sum(-1), 1)
-  loss = jnp.mean(jnp.where(tokens_NxT, per_token, 0.0).sum(-1) / count_N)
-  kl_mean = jnp.mean(jnp.where(tokens_NxT, kl, 0.0).sum(-1) / count_N)
-  return loss, {"grpo/kl": kl_mean}
+  mean = functools.partial(
+    token_mean,
+    scored_NxT=tokens_NxT,
+    how=aggregation,
+    group_size=group_size,
+    tokens_per_row_N=tokens_per_row_N,
+  )
+  clipped = clip_active(log_ratio_NxT, advantage_N[:, None], eps)
+  ratio = jnp.exp(jax.lax.stop_gradient(log_ratio_NxT))
+  return mean(per_token), {
+    "grpo/kl": mean(kl),
+    "grpo/clip_fraction": mean(clipped.astype(jnp.float32)),
+    "grpo/ratio_mean": mean(ratio),
+  }
 
 
-def elbo_grpo_loss(l_theta_N, l_old_N, l_ref_N, length_N, advantage_N, eps, kl_coef):
-  """The same advantage and clip on TraFL's sequence-level surrogate. The KL term uses the per-token
-  mean of `l_ref - l_theta` so its scale matches diffu_grpo's (a sequence-level exp would overflow)."""
-  surrogate = _clipped_surrogate(l_theta_N - l_old_N, advantage_N, eps)
-  kl = k3((l_ref_N - l_theta_N) / jnp.maximum(length_N, 1.0))
-  return jnp.mean(-(surrogate - kl_coef * kl)), {"grpo/kl": kl.mean()}
+def elbo_grpo_loss(
+  l_theta_N,
+  l_old_N,
+  l_ref_N,
+  logp_theta_NxT,
+  logp_ref_NxT,
+  scored_NxT,
+  advantage_N,
+  eps,
+  kl_coef,
+  aggregation: str = "sequence",
+  group_size: int = 1,
+  tokens_per_row_N=None,
+):
+  """The same advantage and clip on TraFL's sequence-level surrogate (mean over rows), and d1's KL: k3
+  per token of the log-probabilities the policy and the reference give each scored token in the same
+  masked copies (`_score_masked_copies`: the mean over the copies that mask it; with the pair's two
+  coupled masks, one copy, so exactly d1's per-token form), averaged like diffu_grpo's."""
+  log_ratio_N = l_theta_N - l_old_N
+  surrogate = _clipped_surrogate(log_ratio_N, advantage_N, eps)
+  kl = token_mean(
+    k3(logp_ref_NxT - logp_theta_NxT), scored_NxT, aggregation, group_size, tokens_per_row_N
+  )
+  return jnp.mean(-surrogate) + kl_coef * kl, {
+    "grpo/kl": kl,
+    "grpo/clip_fraction": jnp.mean(clip_active(log_ratio_N, advantage_N, eps)),
+    "grpo/ratio_mean": jnp.mean(jnp.exp(jax.lax.stop_gradient(log_ratio_N))),
+  }
 
 
 def wd1_loss(l_theta_BxG, advantage_BxG):
@@ -242,8 +319,7 @@ class Rollout(struct.PyTreeNode):
 
 class Prepared(struct.PyTreeNode):
   """`prepare`'s output: every inner update's masks and inputs, and the old policy's and the
-  reference's likelihoods under them (a `token` estimator's per-token log-probabilities; zeros for the
-  `sequence` estimator, which has none)."""
+  reference's likelihoods under them (`l` and per-token log-probabilities, `Likelihood`)."""
 
   masks_IxKxNxT: jax.Array
   inputs_IxNxT: jax.Array
@@ -272,6 +348,9 @@ class Rows(struct.PyTreeNode):
   l_ref_2xN: jax.Array
   scored_NxT: jax.Array
   commit_step_NxT: jax.Array
+  # The whole batch's scored tokens per row, on every row: the "token" aggregation's denominator, so a
+  # micro-batch's loss is its share of the batch's token mean.
+  tokens_per_row_N: jax.Array
 
   @classmethod
   def of(cls, rollout: Rollout, prepared: Prepared, i) -> Rows:
@@ -290,13 +369,17 @@ class Rows(struct.PyTreeNode):
       l_ref_2xN=prepared.l_ref_Ix2xN[i],
       scored_NxT=prepared.scored_NxT,
       commit_step_NxT=rollout.commit_step_NxT,
+      tokens_per_row_N=jnp.full_like(
+        rollout.rewards_N, prepared.scored_NxT.sum() / prepared.scored_NxT.shape[0], jnp.float32
+      ),
     )
 
 
 class Likelihood(struct.PyTreeNode):
-  """What an estimator's `score` gives: `l` per row, per-token log-probabilities (a `token`
-  estimator's; zeros for `sequence`), and `l` on each of two independent halves of the masks (the
-  `product` residual's; the same `l` twice where the masks do not split)."""
+  """What an estimator's `score` gives: `l` per row, per-token log-probabilities (`token`: of the one
+  pass; `sequence`: each scored token's mean over the masked copies that mask it, 0 where none does),
+  and `l` on each of two independent halves of the masks (the `product` residual's; the same `l` twice
+  where the masks do not split)."""
 
   l_N: jax.Array
   logp_NxT: jax.Array
@@ -305,7 +388,7 @@ class Likelihood(struct.PyTreeNode):
 
 class Terms(struct.PyTreeNode):
   """What the loss reads of the policy: `l_theta` per row (and on two independent halves of the
-  masks), per-token log-probabilities (a `token` estimator's), and the learned log Z per prompt
+  masks), per-token log-probabilities (`Likelihood.logp_NxT`), and the learned log Z per prompt
   (empty when the objective has none)."""
 
   l_theta_N: jax.Array
@@ -371,7 +454,10 @@ def _score_masked_copies(model, params, rows: Rows, ocfg) -> Likelihood:
         surrogate(logp_KxNxT[b], rows.masks_KxNxT[b]),
       ]
     )
-  return Likelihood(l_N, jnp.zeros_like(rows.scored_NxT, jnp.float32), halves_2xN)
+  # Each token's log-probability in the copies that mask it (the pair's coupled masks: exactly one).
+  copies_NxT = rows.masks_KxNxT.sum(0)
+  logp_NxT = jnp.where(rows.masks_KxNxT, logp_KxNxT, 0.0).sum(0) / jnp.maximum(copies_NxT, 1)
+  return Likelihood(l_N, logp_NxT, halves_2xN)
 
 
 def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
@@ -534,6 +620,9 @@ def _diffu_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
     _advantages_N(rows, group_size),
     ocfg.clip_eps,
     ocfg.kl_coef,
+    ocfg.loss_aggregation,
+    group_size,
+    rows.tokens_per_row_N,
   )
 
 
@@ -542,10 +631,15 @@ def _elbo_grpo(ocfg, terms: Terms, rows: Rows, group_size: int):
     terms.l_theta_N,
     rows.l_old_N,
     rows.l_ref_N,
-    rows.scored_NxT.sum(-1).astype(jnp.float32),
+    terms.logp_NxT,
+    rows.logp_ref_NxT,
+    rows.scored_NxT,
     _advantages_N(rows, group_size),
     ocfg.clip_eps,
     ocfg.kl_coef,
+    ocfg.loss_aggregation,
+    group_size,
+    rows.tokens_per_row_N,
   )
 
 

@@ -273,6 +273,7 @@ def prepare(
       l_ref_2xN=None,
       scored_NxT=scored_NxT,
       commit_step_NxT=rollout.commit_step_NxT,
+      tokens_per_row_N=None,
     )
     old = _likelihoods(model, state.params, rows, ocfg)
     ref = _likelihoods(model, ref_params, rows, ocfg)

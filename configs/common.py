@@ -108,6 +108,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   # mlp (learned head) | batch_mean (per-group mean, no head) | centred (the head is learned and
   # reported, but the policy's gradient takes the residual centred per group, as with batch_mean)
   c.rl.log_z = "mlp"
+  # The head's output in [0, beta] (beta * sigmoid): where log Z(x) lies for rewards in [0, 1].
+  c.rl.log_z_bounded = False
   # TraFL's loss: "square" (mean delta^2) or "product" (delta_A * delta_B over two independent halves
   # of the masks: unbiased for the exact residual's square; pair needs num_masks 4, 8, ...).
   c.rl.residual = "square"
@@ -125,6 +127,10 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.micro_batches = 1
   c.rl.prompts_per_step = 8
   c.rl.group_size = 8
+  # Of each group's group_size completions, this many are sampled from the frozen reference (the rest
+  # from the policy): trajectory balance is valid off-policy, and reference samples keep covering what
+  # the policy stops sampling. 0: on-policy.
+  c.rl.reference_rollouts = 0
   c.rl.gen_length = 128
   c.rl.sample_steps = 64
   c.rl.block_length = 32

@@ -52,6 +52,9 @@ class ObjectiveConfig:
   t_max: float = 0.8
   # mlp | batch_mean | centred (the head is learned, the policy's residual centred per group)
   log_z: str = "mlp"
+  # The learned head's output is `beta * sigmoid(h)`: in [0, beta], where the true log Z(x) of rewards in
+  # [0, 1] lies (log_z_of). Unbounded, the head can follow a collapsing policy down (see bounded_log_z).
+  log_z_bounded: bool = False
   # TraFL's loss: "square" = mean(w delta^2) with the surrogate over all masks; "product" = mean(w delta_A
   # delta_B) over two independent halves of the masks, unbiased for the square of the exact residual
   # (E[delta^2] adds the masks' variance: a pull toward the reference).
@@ -140,6 +143,29 @@ class LogZHead(nn.Module):
       h = nn.Dense(self.width, name=f"hidden_{i}")(h)
       h = nn.LayerNorm(name=f"norm_{i}")(nn.gelu(h))
     return nn.Dense(1, kernel_init=nn.initializers.zeros, name="out")(h)[:, 0]
+
+
+def log_z_of(p, beta):
+  """The tilted target's `log Z = log E_ref[exp(beta r)] = log(1 + (e^beta - 1) p)` for a 0/1 reward
+  with success rate p under the reference: between 0 (p = 0) and beta (p = 1)."""
+  return jnp.log1p(jnp.expm1(beta) * p)
+
+
+def bounded_log_z(raw_B, ocfg):
+  """The head's log Z(x): `beta * sigmoid(raw)` with `log_z_bounded`, else `raw`. The bound is the
+  anchor the residual alone lacks on-policy: with log Z free, a policy that has collapsed onto a few
+  completions S has zero loss with `Z = sum_S p_ref e^{beta r}` (tiny), and the head, fit to the same
+  samples, follows it down; with `log Z >= 0` that support must carry the reference's mass."""
+  return ocfg.beta * jax.nn.sigmoid(raw_B) if ocfg.log_z_bounded else raw_B
+
+
+def log_z_raw(value, ocfg):
+  """The head's raw output giving log Z = `value` (the inverse of bounded_log_z; clipped inside the
+  bound)."""
+  if not ocfg.log_z_bounded:
+    return value
+  frac = jnp.clip(value / ocfg.beta, 1e-3, 1.0 - 1e-3)
+  return jnp.log(frac) - jnp.log1p(-frac)
 
 
 def trafl_residual(log_z_B, l_theta_BxG, l_ref_BxG, rewards_BxG, beta):

@@ -70,12 +70,27 @@ class PostTrainConfig:
   prompts_per_step: int
   group_size: int
   num_steps: int
+  # Of each group, this many completions come from the reference (members 0..k-1), the rest from the
+  # policy: off-policy rows trajectory balance accepts as they are (w = 1).
+  reference_rollouts: int
   log_every: int
   ckpt_every: int
   keep_checkpoints: int
   sample_every: int
   eval_every: int  # 0: no in-loop greedy evaluation
   diag_noise_every: int  # diag/mask_noise from a second mask draw every this many steps; 0: never
+
+  def __post_init__(self):
+    if not 0 <= self.reference_rollouts <= self.group_size:
+      raise ValueError(
+        f"rl.reference_rollouts = {self.reference_rollouts} must be between 0 and rl.group_size = "
+        f"{self.group_size}"
+      )
+    if self.reference_rollouts and self.ocfg.objective != "trafl":
+      raise ValueError(
+        "rl.reference_rollouts is TraFL's (trajectory balance is valid off-policy); the GRPO "
+        "baselines' ratios assume on-policy rollouts"
+      )
 
   @property
   def rows(self) -> int:
@@ -91,6 +106,13 @@ def check_rows(pcfg: PostTrainConfig, mesh) -> None:
       f"rl.prompts_per_step x rl.group_size = {pcfg.rows} rows do not divide over "
       f"the mesh's data x fsdp = {devices} devices"
     )
+  for members in {pcfg.reference_rollouts, pcfg.group_size - pcfg.reference_rollouts} - {0}:
+    if (pcfg.prompts_per_step * members) % devices:
+      raise ValueError(
+        f"rl.reference_rollouts = {pcfg.reference_rollouts} splits each group's sampling into "
+        f"{pcfg.prompts_per_step} x {members} rows, which do not divide over the mesh's data x fsdp "
+        f"= {devices} devices"
+      )
   if pcfg.prompts_per_step % jax.process_count():
     raise ValueError(
       f"rl.prompts_per_step = {pcfg.prompts_per_step} does not divide over {jax.process_count()} "
@@ -310,11 +332,7 @@ class PostTraining:
     prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
     prompts = sharding.global_batch((prompt_NxP, valid_NxP), mesh, rules)
     key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
-    completion, commit_step, _ = self.steps.generate(params, *prompts, key)
-    completion_NxL, commit_step_NxL = (
-      sharding.local_rows(completion),
-      sharding.local_rows(commit_step),
-    )
+    completion_NxL, commit_step_NxL = self._generate(params, prompt_BxP, valid_BxP, key)
     t1 = time.perf_counter()
     texts = [ref.decode(c) for c in completion_NxL]
     owners = [self.train.problems[i] for i in idx for _ in range(g)]
@@ -327,11 +345,34 @@ class PostTraining:
     )
     return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1)
 
+  def _generate(self, params, prompt_BxP, valid_BxP, key):
+    """This process's `(completion_NxL, commit_step_NxL)`, G rows per prompt: members
+    `0..reference_rollouts-1` of each group sampled from the reference, the rest from `params`."""
+    g, k = self.pcfg.group_size, self.pcfg.reference_rollouts
+    mesh, rules = self.ref.mesh, self.ref.rules
+    parts = []
+    for source, members, salt in ((self.ref_params, k, 1), (params, g - k, 0)):
+      if not members:
+        continue
+      prompts = (np.repeat(prompt_BxP, members, 0), np.repeat(valid_BxP, members, 0))
+      # Salt 0 keeps the on-policy stream of reference_rollouts = 0 as it was.
+      out = self.steps.generate(
+        source,
+        *sharding.global_batch(prompts, mesh, rules),
+        jax.random.fold_in(key, salt) if salt else key,
+      )
+      b = prompt_BxP.shape[0]
+      parts.append([sharding.local_rows(x).reshape(b, members, -1) for x in out[:2]])
+    completion, commit_step = (np.concatenate(xs, 1) for xs in zip(*parts))
+    return completion.reshape(-1, completion.shape[-1]), commit_step.reshape(
+      -1, commit_step.shape[-1]
+    )
+
   def update(self, state, rollouts: Rollouts, step: int):
     """`(state, device metrics)` after prepare and the inner updates on one step's rollouts."""
     steps, rollout = self.steps, rollouts.rollout
     if step == 0 and objectives.learned_log_z(self.pcfg.ocfg):
-      state = steps.init_log_z_bias(state, rollout.rewards_N)  # the global batch's mean beta * r
+      state = steps.init_log_z_bias(state, rollout.rewards_N)  # log Z of the batch's success rate
     prepared = steps.prepare(state, self.ref_params, rollout)
     args = sharding.abstract((state, self.ref_params, rollouts.prompts, rollout, prepared))
     extra = {}
@@ -365,6 +406,11 @@ class PostTraining:
           "perf/tokens_per_s": pcfg.rows * rollouts.rollout.tokens_NxT.shape[1] / (t3 - t0),
         }
       )
+      if pcfg.reference_rollouts:  # this process's rows, by source
+        rewards_BxG = rollouts.rewards_N.reshape(-1, g)
+        host["rl/reward_reference_rows"] = float(rewards_BxG[:, : pcfg.reference_rollouts].mean())
+        if pcfg.reference_rollouts < g:
+          host["rl/reward_policy_rows"] = float(rewards_BxG[:, pcfg.reference_rollouts :].mean())
       done = step + 1
       if pcfg.eval_every and (done % pcfg.eval_every == 0 or done == pcfg.num_steps):
         host["eval/greedy"] = _greedy_accuracy(

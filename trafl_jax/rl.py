@@ -148,7 +148,10 @@ def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shard
   )
   bias_fn = jax.jit(
     lambda state, rewards_N: state.replace(
-      log_z=set_log_z_bias(state.log_z, ocfg.beta * jnp.mean(rewards_N))
+      log_z=set_log_z_bias(
+        state.log_z,
+        objectives.log_z_raw(objectives.log_z_of(jnp.mean(rewards_N), ocfg.beta), ocfg),
+      )
     ),
     in_shardings=(shardings, rollout.rewards_N),
     out_shardings=shardings,
@@ -158,7 +161,8 @@ def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shard
 
 
 def set_log_z_bias(log_z_params, value):
-  """The head starts at the first batch's mean beta * r (its output layer is zero-initialized)."""
+  """The head starts at the log Z of the first batch's success rate (`log_z_of`; its output layer is
+  zero-initialized, so the bias is its output)."""
   out = dict(log_z_params["out"])
   out["bias"] = jnp.full_like(out["bias"], value)
   return {**log_z_params, "out": out}
@@ -357,7 +361,8 @@ def update(
       likelihood = score(model, params, mb, ocfg)
       log_z_B = jnp.zeros((0,))
       if objectives.learned_log_z(ocfg):
-        log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
+        raw_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
+        log_z_B = objectives.bounded_log_z(raw_B, ocfg)
       terms = objectives.Terms(
         l_theta_N=likelihood.l_N,
         logp_NxT=likelihood.logp_NxT,

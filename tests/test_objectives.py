@@ -287,3 +287,19 @@ def test_centred_log_z_reports_the_policys_loss_and_the_heads():
   assert float(metrics["trafl/head_loss"]) == pytest.approx(float(mlp), rel=1e-6)
   assert float(metrics["trafl/log_z_mean"]) == pytest.approx(float(mlp_metrics["trafl/log_z_mean"]))
   assert objectives.learned_log_z(objectives.ObjectiveConfig(log_z="centred"))
+
+
+def test_bounded_log_z_lies_where_log_z_does():
+  """For rewards in [0, 1], log Z = log E_ref[exp(beta r)] is in [0, beta]; the bounded head cannot
+  leave it, and log_z_raw inverts it (so the head starts where it is put)."""
+  ocfg = objectives.ObjectiveConfig(beta=2.0, log_z_bounded=True)
+  raw = jnp.array([-50.0, -1.0, 0.0, 3.0, 50.0])
+  out = np.asarray(objectives.bounded_log_z(raw, ocfg))
+  assert (out >= 0).all() and (out <= 2.0).all() and out[0] < 1e-6 and out[-1] > 2.0 - 1e-6
+  for p in (0.0, 0.1, 0.5, 1.0):
+    log_z = objectives.log_z_of(p, 2.0)
+    assert float(log_z) == pytest.approx(np.log(1 + (np.e**2 - 1) * p))
+    back = objectives.bounded_log_z(objectives.log_z_raw(log_z, ocfg), ocfg)
+    assert float(back) == pytest.approx(float(np.clip(log_z, 2e-3, 2.0 - 2e-3)), abs=1e-5)
+  free = objectives.ObjectiveConfig(beta=2.0)
+  np.testing.assert_array_equal(objectives.bounded_log_z(raw, free), raw)

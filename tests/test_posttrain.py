@@ -113,3 +113,33 @@ def test_bad_rollout_shape_is_named(reference, tmp_path):
     pipeline.posttrain_stage(
       _config(prompts_per_step=3, group_size=3), str(tmp_path / "bad"), reference
     )
+
+
+def test_reference_rollouts_do_not_follow_the_policy(reference, tmp_path):
+  """With every group member sampled from the frozen reference, what is sampled does not depend on how
+  far the policy moved; on-policy it does."""
+
+  def lengths(tag, **rl):
+    config = _config(eval_every=0, log_z_bounded=True, **rl)
+    pipeline.posttrain_stage(config, str(tmp_path / tag), reference)
+    return [r["rl/completion_length"] for r in metrics.read_metrics(str(tmp_path / tag))]
+
+  off_slow = lengths("off_slow", reference_rollouts=4, lr=1e-5)
+  off_fast = lengths("off_fast", reference_rollouts=4, lr=3e-2)
+  on_slow, on_fast = lengths("on_slow", lr=1e-5), lengths("on_fast", lr=3e-2)
+  assert off_slow == off_fast
+  assert on_slow != on_fast
+  assert on_slow[0] == on_fast[0]  # the first step samples the reference either way
+
+
+@pytest.mark.parametrize(
+  "rl,match",
+  [
+    ({"reference_rollouts": 5}, "between 0 and rl.group_size"),
+    ({"reference_rollouts": 1}, "do not divide"),  # 4 prompts x 1 row over 8 devices
+    ({"reference_rollouts": 2, "objective": "diffu_grpo"}, "TraFL's"),
+  ],
+)
+def test_bad_reference_rollouts_are_named(reference, tmp_path, rl, match):
+  with pytest.raises(ValueError, match=match):
+    pipeline.posttrain_stage(_config(**rl), str(tmp_path / "bad"), reference)

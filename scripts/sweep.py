@@ -53,6 +53,18 @@ SETTINGS: dict[str, dict] = {
   "bounded_lr1e-3": {"rl.lr": 1e-3, "rl.log_z_bounded": True},
   "ref4_bounded_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True, "rl.reference_rollouts": 4},
   "ref4_bounded_lr1e-3": {"rl.lr": 1e-3, "rl.log_z_bounded": True, "rl.reference_rollouts": 4},
+  "traj_bounded_lr3e-4": {
+    "rl.lr": 3e-4,
+    "rl.log_z_bounded": True,
+    "rl.estimator": "trajectory",
+    "rl.remasking": "random",
+  },
+  "traj_bounded_lr1e-4": {
+    "rl.lr": 1e-4,
+    "rl.log_z_bounded": True,
+    "rl.estimator": "trajectory",
+    "rl.remasking": "random",
+  },
   "diffu_grpo": {"rl.objective": "diffu_grpo"},
   "elbo_grpo": {"rl.objective": "elbo_grpo"},
   "wd1": {"rl.objective": "wd1"},
@@ -196,6 +208,9 @@ def main(argv):
       if not pipeline._finished(run_dir, config.rl.num_steps):
         logging.info("post-training %s in %s", label, run_dir)
         pipeline.posttrain_stage(config, run_dir, reference)
+        if not pipeline._finished(run_dir, config.rl.num_steps):
+          logging.info("stopped in %s (SIGTERM): rerun the same command to resume", label)
+          return  # the loop saved its state on SIGTERM; the whole sweep stops with it
       runs.append((label, run_dir, float(config.rl.beta)))
       # Records already written (the reference's, earlier runs') are reused, not recomputed.
       pipeline.evaluate_stage(

@@ -108,7 +108,8 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   # mlp (learned head) | batch_mean (per-group mean, no head) | centred (the head is learned and
   # reported, but the policy's gradient takes the residual centred per group, as with batch_mean)
   c.rl.log_z = "mlp"
-  # The head's output in [0, beta] (beta * sigmoid): where log Z(x) lies for rewards in [0, 1].
+  # The policy's residual reads log Z clipped to [0, beta], where log Z(x) lies for rewards in [0, 1]
+  # (mlp: the head, which learns unclipped; batch_mean: the group mean). Not with centred.
   c.rl.log_z_bounded = False
   # TraFL's loss: "square" (mean delta^2) or "product" (delta_A * delta_B over two independent halves
   # of the masks: unbiased for the exact residual's square; pair needs num_masks 4, 8, ...).

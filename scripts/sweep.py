@@ -51,6 +51,7 @@ SETTINGS: dict[str, dict] = {
   "lr1e-3_400": {"rl.lr": 1e-3, "rl.num_steps": 400},
   "bounded_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True},
   "bounded_lr1e-3": {"rl.lr": 1e-3, "rl.log_z_bounded": True},
+  "bm_bounded_lr3e-4": {"rl.lr": 3e-4, "rl.log_z": "batch_mean", "rl.log_z_bounded": True},
   "ref4_bounded_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True, "rl.reference_rollouts": 4},
   "ref4_bounded_lr1e-3": {"rl.lr": 1e-3, "rl.log_z_bounded": True, "rl.reference_rollouts": 4},
   "traj_bounded_lr3e-4": {

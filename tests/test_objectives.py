@@ -290,16 +290,30 @@ def test_centred_log_z_reports_the_policys_loss_and_the_heads():
 
 
 def test_bounded_log_z_lies_where_log_z_does():
-  """For rewards in [0, 1], log Z = log E_ref[exp(beta r)] is in [0, beta]; the bounded head cannot
-  leave it, and log_z_raw inverts it (so the head starts where it is put)."""
-  ocfg = objectives.ObjectiveConfig(beta=2.0, log_z_bounded=True)
-  raw = jnp.array([-50.0, -1.0, 0.0, 3.0, 50.0])
-  out = np.asarray(objectives.bounded_log_z(raw, ocfg))
-  assert (out >= 0).all() and (out <= 2.0).all() and out[0] < 1e-6 and out[-1] > 2.0 - 1e-6
+  """For rewards in [0, 1], log Z = log E_ref[exp(beta r)] is in [0, beta]: the policy's residual reads
+  the clip of the head (held fixed), and the head learns from its own unclipped residual."""
   for p in (0.0, 0.1, 0.5, 1.0):
-    log_z = objectives.log_z_of(p, 2.0)
-    assert float(log_z) == pytest.approx(np.log(1 + (np.e**2 - 1) * p))
-    back = objectives.bounded_log_z(objectives.log_z_raw(log_z, ocfg), ocfg)
-    assert float(back) == pytest.approx(float(np.clip(log_z, 2e-3, 2.0 - 2e-3)), abs=1e-5)
-  free = objectives.ObjectiveConfig(beta=2.0)
-  np.testing.assert_array_equal(objectives.bounded_log_z(raw, free), raw)
+    assert float(objectives.log_z_of(p, 2.0)) == pytest.approx(np.log(1 + (np.e**2 - 1) * p))
+  terms, rows = _terms_and_rows(b=3, g=4, seed=4)
+  terms = terms.replace(log_z_B=jnp.array([-1.0, 0.5, 3.0]))  # below, inside, above [0, 2]
+
+  def grads(**kw):
+    ocfg = objectives.ObjectiveConfig(beta=2.0, **kw)
+
+    def loss(l_theta_N, log_z_B):
+      t = terms.replace(l_theta_N=l_theta_N, log_z_B=log_z_B)
+      return objectives.objective_loss(ocfg, t, rows, 4)[0]
+
+    return jax.grad(loss, (0, 1))(terms.l_theta_N, terms.log_z_B)
+
+  bounded, free = grads(log_z_bounded=True), grads()
+  clipped = terms.replace(log_z_B=jnp.array([0.0, 0.5, 2.0]))
+  ocfg = objectives.ObjectiveConfig(beta=2.0)
+  want = jax.grad(
+    lambda l_N: objectives.objective_loss(ocfg, clipped.replace(l_theta_N=l_N), rows, 4)[0]
+  )
+  np.testing.assert_allclose(bounded[0], want(terms.l_theta_N), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(bounded[1], free[1], rtol=1e-5)  # the head: as unbounded
+  assert np.abs(np.asarray(bounded[0]) - np.asarray(free[0])).max() > 1e-3
+  with pytest.raises(ValueError, match="centred"):
+    objectives.ObjectiveConfig(log_z="centred", log_z_bounded=True)

@@ -52,8 +52,9 @@ class ObjectiveConfig:
   t_max: float = 0.8
   # mlp | batch_mean | centred (the head is learned, the policy's residual centred per group)
   log_z: str = "mlp"
-  # The learned head's output is `beta * sigmoid(h)`: in [0, beta], where the true log Z(x) of rewards in
-  # [0, 1] lies (log_z_of). Unbounded, the head can follow a collapsing policy down (see bounded_log_z).
+  # The policy's residual reads log Z clipped to [0, beta], where log Z(x) lies for rewards in [0, 1]
+  # (mlp: the head's output, the head learning unclipped; batch_mean: the group mean). Unbounded, log Z
+  # can follow a collapsing policy down (bounded_log_z).
   log_z_bounded: bool = False
   # TraFL's loss: "square" = mean(w delta^2) with the surrogate over all masks; "product" = mean(w delta_A
   # delta_B) over two independent halves of the masks, unbiased for the square of the exact residual
@@ -83,6 +84,11 @@ class ObjectiveConfig:
       raise ValueError(f"beta must be positive, got {self.beta}")
     if self.residual not in RESIDUALS:
       raise ValueError(f"residual {self.residual!r} is not one of {RESIDUALS}")
+    if self.log_z_bounded and self.log_z == "centred":
+      raise ValueError(
+        "log_z_bounded bounds the log Z the policy's residual reads; log_z 'centred' removes it "
+        "(the residual is centred per group): use mlp or batch_mean"
+      )
     if self.estimator == "trajectory":
       check_trajectory(self)
     if self.loss_aggregation not in AGGREGATIONS:
@@ -151,21 +157,16 @@ def log_z_of(p, beta):
   return jnp.log1p(jnp.expm1(beta) * p)
 
 
-def bounded_log_z(raw_B, ocfg):
-  """The head's log Z(x): `beta * sigmoid(raw)` with `log_z_bounded`, else `raw`. The bound is the
-  anchor the residual alone lacks on-policy: with log Z free, a policy that has collapsed onto a few
-  completions S has zero loss with `Z = sum_S p_ref e^{beta r}` (tiny), and the head, fit to the same
-  samples, follows it down; with `log Z >= 0` that support must carry the reference's mass."""
-  return ocfg.beta * jax.nn.sigmoid(raw_B) if ocfg.log_z_bounded else raw_B
-
-
-def log_z_raw(value, ocfg):
-  """The head's raw output giving log Z = `value` (the inverse of bounded_log_z; clipped inside the
-  bound)."""
+def bounded_log_z(log_z_B, ocfg):
+  """The log Z the policy's residual reads: with `log_z_bounded`, clipped to [0, beta] (where log Z
+  lies for rewards in [0, 1]) and held fixed. The bound is the anchor the residual lacks on-policy: with
+  log Z free, a policy collapsed onto a few completions S has zero loss at `Z = sum_S p_ref e^{beta r}`
+  (tiny), and a head (or group mean) fit to the same samples follows it down; with `log Z >= 0` what it
+  samples must carry the reference's mass, and a sharpened policy (`l_theta - l_ref > 0` on everything
+  it samples) is pushed back. The head itself still learns from its own residual, unclipped."""
   if not ocfg.log_z_bounded:
-    return value
-  frac = jnp.clip(value / ocfg.beta, 1e-3, 1.0 - 1e-3)
-  return jnp.log(frac) - jnp.log1p(-frac)
+    return log_z_B
+  return jax.lax.stop_gradient(jnp.clip(log_z_B, 0.0, ocfg.beta))
 
 
 def trafl_residual(log_z_B, l_theta_BxG, l_ref_BxG, rewards_BxG, beta):
@@ -606,13 +607,16 @@ def _trafl_residual_loss(ocfg, log_z_B, terms: Terms, rows: Rows, group_size: in
 
 
 def _trafl(ocfg, terms: Terms, rows: Rows, group_size: int):
-  if ocfg.log_z == "mlp":
+  if ocfg.log_z == "mlp" and not ocfg.log_z_bounded:
     return _trafl_residual_loss(ocfg, terms.log_z_B, terms, rows, group_size)
-  l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
-  rewards_BxG = _grouped(rows.rewards_N, group_size)
-  log_z_B = batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta)
+  if ocfg.log_z == "mlp":  # bounded: the policy reads the clipped head, the head its own residual
+    log_z_B = bounded_log_z(terms.log_z_B, ocfg)
+  else:
+    l_theta, l_ref = _grouped(terms.l_theta_N, group_size), _grouped(rows.l_ref_N, group_size)
+    rewards_BxG = _grouped(rows.rewards_N, group_size)
+    log_z_B = bounded_log_z(batch_mean_log_z(l_theta, l_ref, rewards_BxG, ocfg.beta), ocfg)
   loss, metrics = _trafl_residual_loss(ocfg, log_z_B, terms, rows, group_size)
-  if ocfg.log_z == "centred":
+  if ocfg.log_z in ("centred", "mlp"):
     loss, extra = _with_centred_head(ocfg, loss, terms, rows, group_size)
     metrics.update(extra)
   return loss, metrics

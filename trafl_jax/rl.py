@@ -148,10 +148,7 @@ def jit_steps(model, ocfg, num_inner: int, group_size: int, shardings, ref_shard
   )
   bias_fn = jax.jit(
     lambda state, rewards_N: state.replace(
-      log_z=set_log_z_bias(
-        state.log_z,
-        objectives.log_z_raw(objectives.log_z_of(jnp.mean(rewards_N), ocfg.beta), ocfg),
-      )
+      log_z=set_log_z_bias(state.log_z, objectives.log_z_of(jnp.mean(rewards_N), ocfg.beta))
     ),
     in_shardings=(shardings, rollout.rewards_N),
     out_shardings=shardings,
@@ -361,8 +358,7 @@ def update(
       likelihood = score(model, params, mb, ocfg)
       log_z_B = jnp.zeros((0,))
       if objectives.learned_log_z(ocfg):
-        raw_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
-        log_z_B = objectives.bounded_log_z(raw_B, ocfg)
+        log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
       terms = objectives.Terms(
         l_theta_N=likelihood.l_N,
         logp_NxT=likelihood.logp_NxT,

@@ -28,7 +28,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import math as math_config  # noqa: E402
-from trafl_jax import cli, config_lib, eval_report, pipeline  # noqa: E402
+from trafl_jax import cli, config_lib, eval_report, pipeline, report  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where everything goes.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Post-training seeds.")
@@ -131,7 +131,7 @@ def main(argv):
   compare = {name: flags.FLAGS[name].value for name in flag_names}
   runs = run_settings(config_lib.record(base), run_dirs)
   # The statistics again, now with each run's settings in results.json (same records, same report).
-  analysis = eval_report.rebuild(eval_dir, base.rl.beta, labels, {"compare": compare, "runs": runs})
+  analysis = report.rebuild(eval_dir, base.rl.beta, labels, {"compare": compare, "runs": runs})
   table += "\n" + "\n".join(eval_report.statistics_markdown(analysis))
   results_json = _RESULTS.value or os.path.join(workdir, "results.json")
   os.makedirs(os.path.dirname(os.path.abspath(results_json)), exist_ok=True)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trafl_jax import eval_report, evaluate, stats
+from trafl_jax import eval_report, evaluate, report, stats
 from trafl_jax.tasks import countdown
 
 
@@ -221,7 +221,7 @@ def test_rebuild_from_the_records_alone(tmp_path):
   with open(tmp_path / evaluate.RECORDS_FILE, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in done.values())
   (tmp_path / "config.json").write_text(json.dumps({"rl": {"beta": 1.5}}))
-  analysis = eval_report.rebuild(str(tmp_path))
+  analysis = report.rebuild(str(tmp_path))
   assert [m["name"] for m in analysis["rows"][0]["models"]][:2] == [
     "reference",
     "target (beta=1.5)",
@@ -229,7 +229,7 @@ def test_rebuild_from_the_records_alone(tmp_path):
   for name in ("eval.json", "eval.md", "passk.png", eval_report.RESULTS_FILE):
     assert (tmp_path / name).exists()
   first = (tmp_path / eval_report.RESULTS_FILE).read_text()
-  eval_report.rebuild(str(tmp_path))
+  report.rebuild(str(tmp_path))
   assert (tmp_path / eval_report.RESULTS_FILE).read_text() == first  # deterministic, commit kept
   with pytest.raises(FileNotFoundError):
-    eval_report.rebuild(str(tmp_path / "missing"))
+    report.rebuild(str(tmp_path / "missing"))

@@ -12,7 +12,7 @@ locked model commits the same positions at the same steps every time).
 
 Every finished batch of problems is appended to `<workdir>/eval_records.jsonl`; a restarted evaluation skips
 what is recorded. At the end `eval.json`, `eval.md`, `passk.png` and `results.json` are written into the
-workdir (`eval_report`; `python -m trafl_jax.eval_report --eval_dir=DIR` rebuilds them from the records).
+workdir (`eval_report`; `python -m trafl_jax.report --eval_dir=DIR` rebuilds them from the records).
 
 Dimension legend:  N: samples per problem    L: gen_length
 """

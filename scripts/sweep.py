@@ -66,6 +66,7 @@ SETTINGS: dict[str, dict] = {
     "rl.estimator": "trajectory",
     "rl.remasking": "random",
   },
+  "bounded_b32_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True, "rl.prompts_per_step": 32},
   "diffu_grpo": {"rl.objective": "diffu_grpo"},
   "elbo_grpo": {"rl.objective": "elbo_grpo"},
   "wd1": {"rl.objective": "wd1"},

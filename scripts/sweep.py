@@ -10,8 +10,9 @@ Every run is `configs/math.py` post-training from one shared reference with a na
 evaluation resumes where it stopped. A run whose checkpoint is final and whose records are complete is
 skipped. After each run the stage's table is rewritten: `<workdir>/<stage>.md` and `<stage>.json`
 (per setting: pass@1 and pass@k_max, the reference's and the tilted target's at the setting's beta on the
-same problems, the fraction of the gap to the target closed at pass@1, and the last logged training
-metrics).
+same problems, the fraction of the gap to the target closed at pass@1, and the means over the last 50
+training steps of the reward, `l_theta - l_ref`, the achieved tilt (target: beta), the mask noise and the
+head's bias; `nan` where a run did not log one).
 
 Stages:
   screen  seed 0; the probe of post-training prompts only ("train" split), length 16, 16 samples.
@@ -107,13 +108,17 @@ def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, v
   return config
 
 
-def _last_metrics(run_dir: str, keys=("rl/reward_mean", "rl/kl_estimate")) -> dict:
-  """Means of `keys` over the last 20 logged steps of a run's metrics.jsonl."""
+DIAGNOSTICS = ("rl/reward_mean", "rl/kl_estimate", "diag/tilt", "diag/mask_noise", "diag/head_bias")
+
+
+def _last_metrics(run_dir: str, keys=DIAGNOSTICS, last: int = 50) -> dict:
+  """Means of `keys` over the last `last` steps of a run's metrics.jsonl (of the steps that log them:
+  diag/mask_noise is every rl.diag_noise_every steps)."""
   path = os.path.join(run_dir, "metrics.jsonl")
   rows = [r for _, r in jsonl.read(path, skip_corrupt=True)] if os.path.exists(path) else []
   out = {}
   for key in keys:
-    values = [r[key] for r in rows if key in r][-20:]
+    values = [r[key] for r in rows[-last:] if key in r]
     if values:
       out[key] = float(np.mean(values))
   return out
@@ -167,15 +172,17 @@ def table(records: list[dict], runs: list[tuple[str, str, float]]) -> tuple[str,
       )
   lines = [
     "| run | task | problems | pass@1 | ref | target | gap closed | pass@k | ref | target "
-    "| reward (last 20) | l_theta - l_ref |",
-    "|" + "---|" * 12,
+    "| reward | l_theta - l_ref | tilt | mask noise | head bias |",
+    "|" + "---|" * 15,
   ]
+  nan = float("nan")
   for r in rows:
     lines.append(
       f"| {r['run']} | {r['task']} | {r['problems']} | {r['pass1']:.3f} | {r['reference_pass1']:.3f} "
       f"| {r['target_pass1']:.3f} | {r['gap_closed']:.2f} | {r['passk']:.3f} "
       f"| {r['reference_passk']:.3f} | {r['target_passk']:.3f} "
-      f"| {r.get('rl/reward_mean', float('nan')):.3f} | {r.get('rl/kl_estimate', float('nan')):.3f} |"
+      + "".join(f"| {r.get(key, nan):.3f} " for key in DIAGNOSTICS)
+      + "|"
     )
   return "\n".join(lines) + "\n", rows
 

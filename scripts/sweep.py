@@ -70,6 +70,7 @@ SETTINGS: dict[str, dict] = {
   "bounded_b32_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True, "rl.prompts_per_step": 32},
   "bounded_beta4": {"rl.beta": 4.0, "rl.log_z_bounded": True},
   "bounded_600": {"rl.log_z_bounded": True, "rl.num_steps": 600},
+  "bounded_b64_lr3e-4": {"rl.lr": 3e-4, "rl.log_z_bounded": True, "rl.prompts_per_step": 64},
   "diffu_grpo": {"rl.objective": "diffu_grpo"},
   "elbo_grpo": {"rl.objective": "elbo_grpo"},
   "wd1": {"rl.objective": "wd1"},

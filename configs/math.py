@@ -61,6 +61,12 @@ def get_config(arg: str | None = None):
   c.rl.gen_length = 16
   c.rl.sample_steps = 16
   c.rl.block_length = 16
+  # The best TraFL setting of the issue-11 screen on the post-training probe (docs/results.md): 32 prompts
+  # x 8 samples per step (per-step noise in l_theta - l_ref is what keeps the tilt from building), lr 3e-4,
+  # log Z clipped to [0, beta] for the policy's residual (no collapse onto the policy's own samples).
+  c.rl.prompts_per_step = 32
+  c.rl.lr = 3e-4
+  c.rl.log_z_bounded = True
   if "tiny" in variants:
     common.apply_preset(c, "tiny")
     c.rl.num_steps = 3

@@ -34,7 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import math as math_config  # noqa: E402
 from trafl_jax import cli, evaluate, jsonl, pipeline  # noqa: E402
 
-# Overrides of configs/math.py per setting ("rl.lr": 1e-3 sets config.rl.lr).
+# What every setting starts from: configs/math.py as it was when the screen ran (its default has since
+# become bounded_b32_lr3e-4), so each setting's runs stay the same whatever the default becomes.
+SCREEN_BASE = {"rl.prompts_per_step": 8, "rl.lr": 1e-4, "rl.log_z_bounded": False}
+# Overrides of SCREEN_BASE per setting ("rl.lr": 1e-3 sets config.rl.lr).
 SETTINGS: dict[str, dict] = {
   "base": {},
   "lr3e-4": {"rl.lr": 3e-4},
@@ -103,7 +106,7 @@ def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, v
     config.eval.num_samples = samples
     config.eval.limit = limit
     config.eval.splits = ("train",) if stage == "screen" else ("test", "train")
-    for key, value in SETTINGS[name].items():
+    for key, value in {**SCREEN_BASE, **SETTINGS[name]}.items():
       section, field = key.split(".")
       if field not in config[section]:
         raise ValueError(f"setting {name!r}: config.{key} does not exist")

@@ -76,7 +76,7 @@ class PostTrainConfig:
   log_every: int
   ckpt_every: int
   keep_checkpoints: int
-  sample_every: int
+  sample_every: int  # 0: only the first step's samples
   eval_every: int  # 0: no in-loop greedy evaluation
   diag_noise_every: int  # diag/mask_noise from a second mask draw every this many steps; 0: never
 
@@ -416,7 +416,8 @@ class PostTraining:
         host["eval/greedy"] = _greedy_accuracy(
           self.ref, self.steps.greedy, state.params, self.held_out, pcfg.rows
         )
-    if done % pcfg.sample_every == 0 or done == 1:  # process 0's own samples
+    # Process 0's own samples, at the first step and every sample_every steps.
+    if done == 1 or (pcfg.sample_every and done % pcfg.sample_every == 0):
       owners, texts, rewards_N = rollouts.owners, rollouts.texts, rollouts.rewards_N
       self.scaffold.writer.write_texts(
         done,

@@ -4,7 +4,7 @@ The main job: (1) a reference model by masked-diffusion training on generated Co
 when --config.rl.reference names one), (2) post-training with --config.rl.objective (trafl by default; or
 diffu_grpo, elbo_grpo, wd1), (3) evaluation of reference vs post-trained model (eval.md, passk.png).
 
-CPU (the README's main command; ~12 minutes on 2 cores):
+CPU (the README's main command; ~19 minutes on 2 cores):
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math
 A baseline on the same reference:
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math --config.rl.objective=diffu_grpo

@@ -1,0 +1,55 @@
+"""scripts/sweep.py: its settings build valid configs, and its table compares a run with the reference and
+the tilted target on the same problems."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+)
+
+import sweep  # noqa: E402
+
+
+def test_every_setting_builds_a_checked_config():
+  from trafl_jax import config_lib
+
+  for name in sweep.SETTINGS:
+    config = sweep.setting_config(name, seed=1, stage="screen", samples=4, limit=8)
+    config_lib.check_config(config)
+    assert config.seed == 1 and config.eval.splits == ("train",)
+    for key, value in {**sweep.SCREEN_BASE, **sweep.SETTINGS[name]}.items():
+      section, field = key.split(".")
+      assert config[section][field] == value, (name, key)
+  seeds = sweep.setting_config("base", seed=0, stage="seeds", samples=64, limit=8)
+  assert seeds.eval.splits == ("test", "train") and seeds.eval.num_samples == 64
+  with pytest.raises(ValueError, match="unknown setting"):
+    sweep.setting_config("nope", 0, "screen", 4, 8)
+
+
+def test_table_measures_the_gap_to_the_target_on_the_same_problems(tmp_path):
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  with open(run_dir / "metrics.jsonl", "w") as f:
+    for step, tilt in ((1, 0.0), (2, 1.0)):
+      f.write(json.dumps({"step": step, "rl/reward_mean": 0.5, "diag/tilt": tilt}) + "\n")
+
+  def record(label, pid, c):
+    return {"checkpoint": label, "task": "countdown@train", "id": pid, "n": 4, "c": c}
+
+  records = [record("reference", "a", 1), record("reference", "b", 3), record("reference", "x", 4)]
+  records += [record("run/s0", "a", 2), record("run/s0", "b", 4)]  # "x" not evaluated: left out
+  text, rows = sweep.table(records, [("run/s0", str(run_dir), 2.0)])
+  (row,) = rows
+  assert row["problems"] == 2 and row["k"] == 4
+  assert row["pass1"] == pytest.approx(0.75) and row["reference_pass1"] == pytest.approx(0.5)
+  e = math.exp(2.0)
+  target = [p * e / (p * e + 1 - p) for p in (0.25, 0.75)]
+  assert row["target_pass1"] == pytest.approx(sum(target) / 2)
+  assert row["gap_closed"] == pytest.approx(0.25 / (row["target_pass1"] - 0.5))
+  assert row["diag/tilt"] == pytest.approx(0.5) and "diag/mask_noise" not in row
+  assert "| run/s0 | countdown@train | 2 |" in text

@@ -2,7 +2,8 @@
 held-out test.
 
   python scripts/sweep.py --workdir=runs/sweep --stage=screen --reference=runs/math/reference
-  python scripts/sweep.py --workdir=runs/sweep --stage=seeds --settings=lr1e-3,diffu_grpo_d1 --seeds=0,1,2
+  python scripts/sweep.py --workdir=runs/sweep --stage=seeds --seeds=0,1,2 \
+    --settings=bounded_b32_lr3e-4,diffu_grpo_d1
 
 Every run is `configs/math.py` post-training from one shared reference with a named setting's overrides
 (`SETTINGS`), in `<workdir>/runs/<setting>_s<seed>/`; every evaluation goes to one records file,
@@ -37,7 +38,8 @@ from trafl_jax import cli, evaluate, jsonl, pipeline  # noqa: E402
 # What every setting starts from: configs/math.py as it was when the screen ran (its default has since
 # become bounded_b32_lr3e-4), so each setting's runs stay the same whatever the default becomes.
 SCREEN_BASE = {"rl.prompts_per_step": 8, "rl.lr": 1e-4, "rl.log_z_bounded": False}
-# Overrides of SCREEN_BASE per setting ("rl.lr": 1e-3 sets config.rl.lr).
+# Overrides of SCREEN_BASE per setting ("rl.lr": 1e-3 sets config.rl.lr; "variant": "d1" starts from
+# configs/math.py:d1, the baselines as d1 runs them).
 SETTINGS: dict[str, dict] = {
   "base": {},
   "lr3e-4": {"rl.lr": 3e-4},
@@ -77,6 +79,9 @@ SETTINGS: dict[str, dict] = {
   "diffu_grpo": {"rl.objective": "diffu_grpo"},
   "elbo_grpo": {"rl.objective": "elbo_grpo"},
   "wd1": {"rl.objective": "wd1"},
+  "diffu_grpo_d1": {"variant": "d1", "rl.objective": "diffu_grpo"},
+  "elbo_grpo_d1": {"variant": "d1", "rl.objective": "elbo_grpo"},
+  "wd1_d1": {"variant": "d1", "rl.objective": "wd1"},
 }
 STAGES = ("screen", "seeds")
 
@@ -98,7 +103,9 @@ def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, v
   """configs/math.py with the setting's overrides and the stage's evaluation grid."""
   if name not in SETTINGS:
     raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
-  config = math_config.get_config(variant or None)
+  overrides = {**SCREEN_BASE, **SETTINGS[name]}
+  variants = [v for v in (variant, overrides.pop("variant", "")) if v]
+  config = math_config.get_config(",".join(variants) or None)
   with config.unlocked():
     config.seed = seed
     config.train.progress = False
@@ -106,7 +113,7 @@ def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, v
     config.eval.num_samples = samples
     config.eval.limit = limit
     config.eval.splits = ("train",) if stage == "screen" else ("test", "train")
-    for key, value in {**SCREEN_BASE, **SETTINGS[name]}.items():
+    for key, value in overrides.items():
       section, field = key.split(".")
       if field not in config[section]:
         raise ValueError(f"setting {name!r}: config.{key} does not exist")

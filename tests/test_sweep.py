@@ -23,8 +23,15 @@ def test_every_setting_builds_a_checked_config():
     config_lib.check_config(config)
     assert config.seed == 1 and config.eval.splits == ("train",)
     for key, value in {**sweep.SCREEN_BASE, **sweep.SETTINGS[name]}.items():
+      if key == "variant":
+        continue
       section, field = key.split(".")
       assert config[section][field] == value, (name, key)
+  d1 = sweep.setting_config("diffu_grpo_d1", seed=0, stage="seeds", samples=4, limit=8)
+  assert (
+    d1.rl.num_inner_updates == 8 and d1.rl.temperature == 0.9 and d1.rl.objective == "diffu_grpo"
+  )
+  assert sweep.setting_config("diffu_grpo", 0, "seeds", 4, 8).rl.num_inner_updates == 1
   seeds = sweep.setting_config("base", seed=0, stage="seeds", samples=64, limit=8)
   assert seeds.eval.splits == ("test", "train") and seeds.eval.num_samples == 64
   with pytest.raises(ValueError, match="unknown setting"):

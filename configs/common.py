@@ -35,6 +35,16 @@ def sharding_rules() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(sharding_lib.DEFAULT_RULES))
 
 
+def sampler_modes() -> ml_collections.ConfigDict:
+  """The sampler's speed modes (sampler.MODE_FIELDS; the defaults are LLaDA's exact sampler):
+  cache none | prefix | dual, refresh_every (steps of a block between cache refreshes; 0: once per
+  block), threshold (commit every position more confident than it; 0: LLaDA's per-step counts),
+  stop_at_eos, micro_batch (rows per sampler pass; 0: the whole batch)."""
+  return ml_collections.ConfigDict(
+    dict(cache="none", refresh_every=0, threshold=0.0, stop_at_eos=False, micro_batch=0)
+  )
+
+
 def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -137,6 +147,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.block_length = 32
   c.rl.temperature = 1.0
   c.rl.remasking = "low_confidence"
+  # The rollouts' sampler modes (cached, parallel, early exit): TraFL is valid off-policy; the GRPO
+  # baselines assume on-policy samples (README: Fast rollouts).
+  c.rl.rollout = sampler_modes()
   c.rl.lr = 1e-4
   c.rl.warmup_steps = 0
   c.rl.weight_decay = 0.0
@@ -163,6 +176,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.eval.block_length = 32
   # Each a row of its own: "low_confidence" rows keep the task's label, others are "task[random]".
   c.eval.remasking = ("low_confidence",)
+  # The sampler's modes for evaluation; a row not sampled exactly is tagged with its mode
+  # (`countdown[dual+t0.9]`).
+  c.eval.sampler = sampler_modes()
   c.eval.num_samples = 16  # n for pass@k, k = 1, 2, 4, ..., n
   c.eval.temperature = 1.0
   c.eval.batch_size = 64  # sampler rows per call

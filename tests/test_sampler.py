@@ -111,8 +111,8 @@ def reference_generate(params, prompt, cfg, rng_uniform=None):
 def test_greedy_matches_reference_loop_and_is_deterministic(params):
   prompt, valid = _prompts()
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))
-  tokens, steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  tokens2, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))  # rng unused when greedy
+  tokens, steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))[:3]
+  tokens2 = gen(params, prompt, valid, jax.random.PRNGKey(1)).completion_BxL  # rng unused: greedy
   want_tokens, want_steps = reference_generate(params, prompt, SAMPLE)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_array_equal(steps, want_steps)
@@ -125,7 +125,7 @@ def test_cfg_matches_reference_loop(params):
   cfg = sampler.SamplerConfig(gen_length=16, steps=8, block_length=8, cfg_scale=1.5)
   tokens, steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
     params, prompt, valid, jax.random.PRNGKey(0)
-  )
+  )[:3]
   want_tokens, want_steps = reference_generate(params, prompt, cfg)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_array_equal(steps, want_steps)
@@ -140,7 +140,7 @@ def test_random_remasking_matches_reference_with_the_same_draws(params):
   )
   tokens, steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))(
     params, prompt, valid, rng
-  )
+  )[:3]
   want_tokens, want_steps = reference_generate(params, prompt, cfg, rng_uniform=draws)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_array_equal(steps, want_steps)
@@ -154,6 +154,7 @@ def test_committed_tokens_never_change_and_blocks_are_respected(params):
   step_fn = jax.jit(
     functools.partial(
       sampler.denoise_step,
+      width=cfg.gen_length,
       params=params,
       valid_BxT=valid_t,
       prompt_BxT=prompt_t,
@@ -162,12 +163,19 @@ def test_committed_tokens_never_change_and_blocks_are_respected(params):
       cfg=cfg,
     )
   )
-  commit = jnp.full((4, 24), -1, jnp.int32)
-  logp = jnp.zeros((4, 24), jnp.float32)
+  carry = sampler.Carry(
+    tokens,
+    jnp.full((4, 24), -1, jnp.int32),
+    jnp.zeros((4, 24), jnp.float32),
+    jnp.zeros((4,), jnp.int32),
+    jnp.zeros((), jnp.int32),
+    None,
+  )
   schedule = sampler.commit_schedule(cfg)
   for i in range(cfg.steps):
-    before = np.asarray(tokens[:, 6:])
-    tokens, commit, logp = step_fn(i, tokens, commit, logp)
+    before = np.asarray(carry.tokens_BxT[:, 6:])
+    carry = step_fn(carry, i // cfg.steps_per_block, i % cfg.steps_per_block)
+    tokens, commit, logp = carry.tokens_BxT, carry.commit_step_BxL, carry.logp_BxL
     after = np.asarray(tokens[:, 6:])
     done = before != CFG.mask_token_id
     np.testing.assert_array_equal(after[done], before[done])
@@ -179,7 +187,7 @@ def test_committed_tokens_never_change_and_blocks_are_respected(params):
   # Stepping by hand is what the jitted fori_loop does.
   full_tokens, full_commit, full_logp = sampler.generate(
     params, prompt, valid, rng, model=MODEL, cfg=cfg
-  )
+  )[:3]
   np.testing.assert_array_equal(full_tokens, tokens[:, 6:])
   np.testing.assert_array_equal(full_commit, commit)
   np.testing.assert_allclose(full_logp, logp, rtol=1e-6)
@@ -190,9 +198,9 @@ def test_temperature_sampling_is_seeded(params):
   prompt, valid = _prompts()
   cfg = sampler.SamplerConfig(gen_length=16, steps=8, block_length=8, temperature=1.0)
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=cfg))
-  a, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  b, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
-  c, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))
+  a, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))[:3]
+  b, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))[:3]
+  c, _, _ = gen(params, prompt, valid, jax.random.PRNGKey(1))[:3]
   np.testing.assert_array_equal(a, b)
   assert (np.asarray(a) != np.asarray(c)).any()
 
@@ -200,7 +208,7 @@ def test_temperature_sampling_is_seeded(params):
 def test_left_padding_does_not_change_results(params):
   prompt, valid = _prompts(batch=3, prompt_len=6)
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))
-  alone, alone_steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))
+  alone, alone_steps, _ = gen(params, prompt, valid, jax.random.PRNGKey(0))[:3]
   # The same prompts behind 5 pad positions holding arbitrary ids, and a shorter prompt in the batch.
   rng = np.random.default_rng(0)
   padded = np.concatenate([rng.integers(0, CFG.vocab_size, (3, 5)), prompt], axis=1).astype(
@@ -209,10 +217,10 @@ def test_left_padding_does_not_change_results(params):
   padded_valid = np.concatenate([np.zeros((3, 5), bool), valid], axis=1)
   padded[2, :8] = CFG.pad_token_id  # row 2: a 3-token prompt
   padded_valid[2, :8] = False
-  out, out_steps, _ = gen(params, padded, padded_valid, jax.random.PRNGKey(0))
+  out, out_steps, _ = gen(params, padded, padded_valid, jax.random.PRNGKey(0))[:3]
   np.testing.assert_array_equal(out[:2], alone[:2])
   np.testing.assert_array_equal(out_steps[:2], alone_steps[:2])
-  short, _, _ = gen(params, prompt[2:, 3:], valid[2:, 3:], jax.random.PRNGKey(0))
+  short, _, _ = gen(params, prompt[2:, 3:], valid[2:, 3:], jax.random.PRNGKey(0))[:3]
   np.testing.assert_array_equal(out[2:], short)
 
 
@@ -227,11 +235,11 @@ def test_sharded_equals_unsharded(params):
   sharded_params = jax.device_put(params, shardings)
   prompt, valid = _prompts(batch=8)
   run = sampler.make_generate_fn(MODEL, SAMPLE, mesh, rules, shardings)
-  tokens, steps, _ = run(sharded_params, prompt, valid, jax.random.PRNGKey(0))
+  tokens, steps, _ = run(sharded_params, prompt, valid, jax.random.PRNGKey(0))[:3]
   assert len(tokens.sharding.device_set) == 8
   want, want_steps, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=SAMPLE))(
     params, prompt, valid, jax.random.PRNGKey(0)
-  )
+  )[:3]
   np.testing.assert_array_equal(tokens, want)
   np.testing.assert_array_equal(steps, want_steps)
 
@@ -302,8 +310,8 @@ class _LogitsAsParams:
   def __init__(self, mask_token_id):
     self.cfg = types.SimpleNamespace(mask_token_id=mask_token_id)
 
-  def apply(self, variables, tokens_BxT, valid_BxT, logits_from=0):
-    del valid_BxT, logits_from
+  def apply(self, variables, tokens_BxT, valid_BxT, logits_from=0, return_kv=False):
+    del valid_BxT, logits_from, return_kv
     logits_LxV = variables["params"]
     return jnp.broadcast_to(logits_LxV, (tokens_BxT.shape[0], *logits_LxV.shape))
 
@@ -314,7 +322,7 @@ def test_sampler_commits_the_more_confident_of_a_near_tie():
   cfg = sampler.SamplerConfig(gen_length=2, steps=2, block_length=2)
   tokens_BxL, commit_step_BxL, _ = jax.jit(
     functools.partial(sampler.generate, model=stub, cfg=cfg)
-  )(logits_BxLxV[0], np.full((1, 3), 5, np.int32), np.ones((1, 3), bool), jax.random.PRNGKey(0))
+  )(logits_BxLxV[0], np.full((1, 3), 5, np.int32), np.ones((1, 3), bool), jax.random.PRNGKey(0))[:3]
   np.testing.assert_array_equal(tokens_BxL, [[0, 0]])
   # One token a step: position 1 (the more confident) first, as LLaDA's softmax-then-gather orders them.
   np.testing.assert_array_equal(commit_step_BxL, [[1, 0]])

@@ -72,7 +72,9 @@ def test_trajectory_equals_the_log_probs_the_sampler_saw(params, temperature, cf
   n = 16
   prompt, valid = _prompts(n)
   gen = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=scfg))
-  completion, commit_step, logp = map(np.asarray, gen(params, prompt, valid, jax.random.PRNGKey(5)))
+  completion, commit_step, logp = map(
+    np.asarray, gen(params, prompt, valid, jax.random.PRNGKey(5))[:3]
+  )
   # Rows where a sampled MASK was committed and the position committed again later (LLaDA's
   # semantics; only the last commit is recorded, so the path misses the MASK's factor) are left out:
   # with a random model's flat distributions a few rows have one.
@@ -121,7 +123,7 @@ def test_trajectory_update_has_a_gradient_through_every_step(params):
   prompt, valid = _prompts(4)
   completion, commit_step, _ = jax.jit(functools.partial(sampler.generate, model=MODEL, cfg=scfg))(
     params, prompt, valid, jax.random.PRNGKey(2)
-  )
+  )[:3]
   rollout = posttrain.assemble_rollout(prompt, valid, completion, np.zeros(4), commit_step)
 
   def l_sum(p, steps):

@@ -2,6 +2,9 @@
 
   python -m trafl_jax.bench train --preset=small
   python -m trafl_jax.bench sample --preset=small     (gen_length 256, steps 128, block 32, batch 32)
+  python -m trafl_jax.bench sample --preset=small --cache=dual --threshold=0.9 --stop_at_eos
+      (a fast mode, and the exact sampler timed in the same process: speedup_vs_exact, model
+      evaluations per token, the fraction of greedy tokens equal to the exact sampler's)
   python -m trafl_jax.bench rl --preset=small --gen_length=128 --sample_steps=64
       (one outer step per objective: sampling, scoring, update; 8 prompts x 8 samples; model FLOP rates
       and fractions of peak for the sampler and for prepare + update)
@@ -13,6 +16,7 @@ only) with a large matmul timed in the same process (float32; bfloat16 on accele
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -47,6 +51,17 @@ _OBJECTIVE = flags.DEFINE_list("objective", list(objectives.OBJECTIVES), "rl: ob
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "rl: prompts per step.")
 _GROUP = flags.DEFINE_integer("group", 8, "rl: samples per prompt.")
 _INNER = flags.DEFINE_integer("inner_updates", 1, "rl: optimizer steps per rollout batch.")
+_CACHE = flags.DEFINE_enum(
+  "cache", "none", list(sampler.CACHES), "sample, rl: the sampler's cache."
+)
+_REFRESH = flags.DEFINE_integer(
+  "refresh_every", 0, "sample, rl: cache refresh (steps; 0: per block)."
+)
+_THRESHOLD = flags.DEFINE_float(
+  "threshold", 0.0, "sample, rl: confidence threshold (0: LLaDA's counts)."
+)
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", False, "sample, rl: finished rows stop computing.")
+_MICRO = flags.DEFINE_integer("micro_batch", 0, "sample, rl: sampler rows per pass (0: all).")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Side of the square matmul that measures peak.")
 
 
@@ -145,7 +160,10 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, r
 def bench_sample(
   preset: str, batch: int, prompt_len: int, scfg: sampler.SamplerConfig, dtype: str, repeats: int
 ) -> dict:
-  """Generated tokens per second of the jitted sampler (params replicated, batch over the devices)."""
+  """Generated tokens per second of the jitted sampler (params replicated, batch over the devices),
+  greedy. A mode other than exact is timed beside the exact sampler in the same process, on the same
+  weights and prompts: `speedup_vs_exact`, and `agreement` (the fraction of tokens equal to the exact
+  sampler's)."""
   cfg, model = _model(preset, dtype)
   layout = _layout()
   mesh, rules = layout.make_mesh(), layout.rules
@@ -155,20 +173,42 @@ def bench_sample(
   rng = np.random.default_rng(0)
   prompt = rng.integers(5, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   valid = np.ones((batch, prompt_len), bool)
-  generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings)
-  jax.block_until_ready(generate(params, prompt, valid, jax.random.PRNGKey(0)))
-  seconds = _best_time(lambda: generate(params, prompt, valid, jax.random.PRNGKey(1)), repeats)
+
+  def timed(c: sampler.SamplerConfig):
+    generate = sampler.make_generate_fn(model, c, mesh, rules, shardings)
+    out = jax.block_until_ready(generate(params, prompt, valid, jax.random.PRNGKey(0)))
+    seconds = _best_time(lambda: generate(params, prompt, valid, jax.random.PRNGKey(1)), repeats)
+    return seconds, out
+
+  seconds, out = timed(scfg)
   seq_len = prompt_len + scfg.gen_length
   flops = scfg.steps * model_lib.forward_flops(cfg, batch, seq_len, logits_len=scfg.gen_length)
-  return _describe("sample", preset, cfg, batch, dtype) | {
+  nfe = np.asarray(sharding.to_host(out.nfe_B), np.float64)
+  result = _describe("sample", preset, cfg, batch, dtype) | {
     "prompt_len": prompt_len,
     "gen_length": scfg.gen_length,
     "steps": scfg.steps,
     "block_length": scfg.block_length,
+    "mode": scfg.mode,
     "call_s": seconds,
     "tokens_per_s": batch * scfg.gen_length / seconds,
+    "nfe_per_token": float(nfe.mean() / scfg.gen_length),
+    # The exact sampler's FLOPs per call: a fast mode's rate is in equivalent (saved) FLOPs.
     "flops_per_s": flops / seconds,
   }
+  if not scfg.exact:
+    exact_cfg = dataclasses.replace(
+      scfg, cache="none", refresh_every=0, threshold=0.0, stop_at_eos=False
+    )
+    exact_s, exact = timed(exact_cfg)
+    same = sharding.to_host(out.completion_BxL) == sharding.to_host(exact.completion_BxL)
+    result |= {
+      "exact_call_s": exact_s,
+      "exact_tokens_per_s": batch * scfg.gen_length / exact_s,
+      "speedup_vs_exact": exact_s / seconds,
+      "agreement": float(np.mean(same)),
+    }
+  return result
 
 
 def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int) -> float:
@@ -232,8 +272,9 @@ def bench_rl(
   times = {"sample_s": [], "score_s": [], "update_s": []}
   for _ in range(1 + repeats):  # the first is compilation
     t0 = time.perf_counter()
-    completion, commit_step, _ = generate(state.params, prompt, valid, jax.random.PRNGKey(3))
-    completion, commit_step = sharding.to_host(completion), sharding.to_host(commit_step)
+    out = generate(state.params, prompt, valid, jax.random.PRNGKey(3))
+    completion = sharding.to_host(out.completion_BxL)
+    commit_step = sharding.to_host(out.commit_step_BxL)
     t1 = time.perf_counter()
     rewards = np.asarray(tasks_lib.rewards(problems, texts), np.float32)
     t2 = time.perf_counter()
@@ -259,6 +300,7 @@ def bench_rl(
     "prompt_len": prompt_len,
     "gen_length": scfg.gen_length,
     "steps": scfg.steps,
+    "mode": scfg.mode,
     "inner_updates": inner,
     "remat": remat,
     **out,
@@ -278,6 +320,16 @@ def _peak(dtype: str) -> tuple[float, str]:
   )
 
 
+def _modes() -> dict:
+  return dict(
+    cache=_CACHE.value,
+    refresh_every=_REFRESH.value,
+    threshold=_THRESHOLD.value,
+    stop_at_eos=_STOP_AT_EOS.value,
+    micro_batch=_MICRO.value,
+  )
+
+
 def main(argv):
   cli.quiet_libraries()
   if len(argv) != 2 or argv[1] not in ("train", "sample", "rl"):
@@ -288,6 +340,7 @@ def main(argv):
       steps=_SAMPLE_STEPS.value,
       block_length=_BLOCK.value,
       temperature=1.0,
+      **_modes(),
     )
     peak, peak_dtype = _peak(_DTYPE.value)
     for objective in _OBJECTIVE.value:
@@ -313,7 +366,10 @@ def main(argv):
     )
   else:
     scfg = sampler.SamplerConfig(
-      gen_length=_GEN_LENGTH.value, steps=_SAMPLE_STEPS.value, block_length=_BLOCK.value
+      gen_length=_GEN_LENGTH.value,
+      steps=_SAMPLE_STEPS.value,
+      block_length=_BLOCK.value,
+      **_modes(),
     )
     result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 1)
   peak, peak_dtype = _peak(_DTYPE.value)

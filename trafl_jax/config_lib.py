@@ -120,9 +120,19 @@ def objective_config(config: ml_collections.ConfigDict) -> objectives.ObjectiveC
   return objectives.ObjectiveConfig(**{k: r[k] for k in own}, rollout=sampler_config(config))
 
 
+def sampler_modes(section: str, modes: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A sampler-modes section (`rl.rollout`, `eval.sampler`) as SamplerConfig's keyword arguments."""
+  d = modes.to_dict()
+  check_keys(section, d, sampler.MODE_FIELDS)
+  return d
+
+
 def sampler_config(config: ml_collections.ConfigDict) -> sampler.SamplerConfig:
   r = config.rl
-  return sampler.SamplerConfig(**{ours: r[key] for key, ours in _RL_SAMPLER.items()})
+  return sampler.SamplerConfig(
+    **{ours: r[key] for key, ours in _RL_SAMPLER.items()},
+    **sampler_modes("rl.rollout", r.rollout),
+  )
 
 
 def rl_optim_config(config: ml_collections.ConfigDict) -> state_lib.OptimConfig:
@@ -164,7 +174,7 @@ def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainCo
   known = (
     own | (_names(objectives.ObjectiveConfig) - {"rollout"}) | set(_RL_SAMPLER) | set(_RL_OPTIM)
   )
-  check_keys("rl", r.keys(), known | set(_RL_TASKS) | set(_RL_PIPELINE) | {"num_steps"})
+  check_keys("rl", r.keys(), known | set(_RL_TASKS) | set(_RL_PIPELINE) | {"num_steps", "rollout"})
   train_problems = posttrain.ProblemSource(
     task=r.task,
     split="train",
@@ -197,6 +207,7 @@ def eval_config(config: ml_collections.ConfigDict) -> evaluate.EvalConfig:
   e["gen_lengths"] = tuple(int(x) for x in e["gen_lengths"])
   r = e["remasking"]
   e["remasking"] = (r,) if isinstance(r, str) else tuple(r)
+  e["sampler"] = sampler_modes("eval.sampler", config.eval.sampler)
   return evaluate.EvalConfig(**e, **_countdown(config))
 
 

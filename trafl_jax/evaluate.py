@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from trafl_jax import eval_report, jsonl, loop, metrics, sample, sharding
+from trafl_jax import eval_report, jsonl, loop, metrics, sample, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import tasks as tasks_lib
 
@@ -54,6 +54,8 @@ class EvalConfig:
   batch_size: int  # sampler rows per call
   problems_per_batch: int
   seed: int
+  # The sampler's speed modes (sampler.MODE_FIELDS; empty: exact). Rows not sampled exactly are tagged.
+  sampler: dict = dataclasses.field(default_factory=dict)
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
 
@@ -82,13 +84,18 @@ class EvalConfig:
     return out
 
   def rows(self) -> list[tuple[str, list, str]]:
-    """`(row label, problems, remasking)` for every task x split x remasking: low-confidence rows keep
-    the task's label, the others add `[remasking]` (`countdown[random]`)."""
-    return [
-      (label if r == "low_confidence" else f"{label}[{r}]", problems, r)
-      for label, problems in self.problem_sets()
-      for r in self.remasking
-    ]
+    """`(row label, problems, remasking)` for every task x split x remasking: exact low-confidence rows
+    keep the task's label, the others are tagged with the remasking and the sampler's mode
+    (`countdown[random]`, `countdown[dual+t0.9]`, `countdown[random,dual]`)."""
+    mode = sampler.SamplerConfig(**self.sampler).mode
+    out = []
+    for label, problems in self.problem_sets():
+      for r in self.remasking:
+        tags = [
+          t for t in (r if r != "low_confidence" else "", mode if mode != "exact" else "") if t
+        ]
+        out.append((f"{label}[{','.join(tags)}]" if tags else label, problems, r))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +182,7 @@ def sampler_settings(cfg: EvalConfig, gen_length: int, remasking: str | None = N
     block_length=block,
     remasking=remasking or cfg.remasking[0],
     batch_size=cfg.batch_size,
+    **cfg.sampler,
   )
 
 

@@ -241,11 +241,13 @@ class RMSNorm(nn.Module):
     return (scale_D.astype(jnp.float32) * x).astype(jnp.dtype(self.cfg.dtype))
 
 
-def rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
-  """Rotate-half RoPE with positions 0..T-1, in float32 (dimension i pairs with i + H/2)."""
+def rope(x_BxTxNxH: jax.Array, theta: float, offset: jax.Array | int = 0) -> jax.Array:
+  """Rotate-half RoPE with positions offset..offset+T-1, in float32 (dimension i pairs with i + H/2).
+  `offset` may be traced: the sampler's caches compute a slice of the sequence at its own positions."""
   t, h = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
   inv_freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angles_TxH = jnp.outer(jnp.arange(t, dtype=jnp.float32), inv_freq_h)
+  positions_T = (offset + jnp.arange(t)).astype(jnp.float32)
+  angles_TxH = jnp.outer(positions_T, inv_freq_h)
   angles_TxH = jnp.concatenate([angles_TxH, angles_TxH], axis=-1)[None, :, None, :]
   x = x_BxTxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
@@ -254,27 +256,41 @@ def rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nn.Module):
+  """Bidirectional attention of S query positions (`start`..`start+S-1`) over the T-long sequence.
+
+  Without `cache_kv` the queries are the whole sequence (S = T, start 0). With it (keys and values of
+  all T positions from an earlier pass: the sampler's prefix and dual caches) the S positions' fresh
+  keys and values are written over theirs and the rest are reused. Returns the output and the S
+  positions' keys and values (a full pass returns the cache)."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+  def __call__(self, x_BxSxD: jax.Array, valid_BxT: jax.Array, cache_kv=None, start=0):
     cfg = self.cfg
-    b, t, _ = x_BxTxD.shape
+    b, s, _ = x_BxSxD.shape
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     # 2-D kernels reshaped afterwards: >2-D logically partitioned DenseGeneral kernels fail under a mesh.
-    q_BxTxNxH = _dense(x_BxTxD, n * h, ("embed", "heads"), cfg, "q_proj").reshape(b, t, n, h)
-    k_BxTxKxH = _dense(x_BxTxD, k * h, ("embed", "kv_heads"), cfg, "k_proj").reshape(b, t, k, h)
-    v_BxTxKxH = _dense(x_BxTxD, k * h, ("embed", "kv_heads"), cfg, "v_proj").reshape(b, t, k, h)
-    q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
-    k_BxTxKxH = rope(k_BxTxKxH, cfg.rope_theta)
-    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
+    q_BxSxNxH = _dense(x_BxSxD, n * h, ("embed", "heads"), cfg, "q_proj").reshape(b, s, n, h)
+    k_BxSxKxH = _dense(x_BxSxD, k * h, ("embed", "kv_heads"), cfg, "k_proj").reshape(b, s, k, h)
+    v_BxSxKxH = _dense(x_BxSxD, k * h, ("embed", "kv_heads"), cfg, "v_proj").reshape(b, s, k, h)
+    q_BxSxNxH = rope(q_BxSxNxH, cfg.rope_theta, start)
+    k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta, start)
+    q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("batch", "length", "heads", "head_dim"))
+    keys_BxTxKxH, values_BxTxKxH = k_BxSxKxH, v_BxSxKxH
+    if cache_kv is not None:
+      cache_k_BxTxKxH, cache_v_BxTxKxH = cache_kv
+      at = (0, start, 0, 0)
+      keys_BxTxKxH = jax.lax.dynamic_update_slice(cache_k_BxTxKxH, k_BxSxKxH, at)
+      values_BxTxKxH = jax.lax.dynamic_update_slice(cache_v_BxTxKxH, v_BxSxKxH, at)
     # Bidirectional: padding removes keys only. Query head j reads KV head j // (N / K).
     mask_Bx1x1xT = valid_BxT[:, None, None, :]
-    out_BxTxNxH = jax.nn.dot_product_attention(
-      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1x1xT, scale=h**-0.5
+    out_BxSxNxH = jax.nn.dot_product_attention(
+      q_BxSxNxH, keys_BxTxKxH, values_BxTxKxH, mask=mask_Bx1x1xT, scale=h**-0.5
     )
-    out_BxTxD = out_BxTxNxH.reshape(b, t, n * h)
-    return _dense(out_BxTxD, cfg.d_model, ("heads", "embed"), cfg, "attn_out")
+    out_BxSxD = out_BxSxNxH.reshape(b, s, n * h)
+    out_BxSxD = _dense(out_BxSxD, cfg.d_model, ("heads", "embed"), cfg, "attn_out")
+    return out_BxSxD, (k_BxSxKxH, v_BxSxKxH)
 
 
 class MLP(nn.Module):
@@ -290,17 +306,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """One layer. Scanned over layers, `cache_kv` is this layer's slice of the stacked cache and the
+  second output its keys and values (only when `return_kv`: training never holds them)."""
+
   cfg: ModelConfig
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array):
+  def __call__(self, x_BxSxD: jax.Array, valid_BxT: jax.Array, cache_kv=None, start=0):
     cfg = self.cfg
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    h = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
-    x_BxTxD = x_BxTxD + Attention(cfg, name="attn")(h, valid_BxT)
-    h = RMSNorm(cfg, name="ff_norm")(x_BxTxD)
-    x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(h)
-    return x_BxTxD, None
+    x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
+    h = RMSNorm(cfg, name="attn_norm")(x_BxSxD)
+    attended, kv = Attention(cfg, name="attn")(h, valid_BxT, cache_kv, start)
+    x_BxSxD = x_BxSxD + attended
+    h = RMSNorm(cfg, name="ff_norm")(x_BxSxD)
+    x_BxSxD = x_BxSxD + MLP(cfg, name="mlp")(h)
+    return x_BxSxD, (kv if self.return_kv else None)
 
 
 def _remat_policy(name: str):
@@ -316,6 +337,11 @@ class Transformer(nn.Module):
 
   `logits_from` (static) computes logits only for positions `logits_from:` (the sampler needs the
   completion's logits, not the prompt's: the head is the largest matmul at LLaDA's vocabulary size).
+
+  The sampler's caches: `return_kv` also returns every layer's keys and values (`(K, V)`, each
+  `[layers, B, T, kv_heads, head_dim]`); given them as `cache_kv`, the model computes only the
+  S positions `start`..`start+S-1` whose tokens are `tokens_BxS` (`valid_BxT` stays the whole
+  sequence's), attending over the cached keys and values of the others.
   """
 
   cfg: ModelConfig
@@ -323,10 +349,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(
     self,
-    tokens_BxT: jax.Array,
+    tokens_BxS: jax.Array,
     valid_BxT: jax.Array,
     return_hidden: bool = False,
     logits_from: int = 0,
+    cache_kv=None,
+    start=0,
+    return_kv: bool = False,
   ):
     cfg = self.cfg
     embedding_VxD = self.param(
@@ -336,35 +365,40 @@ class Transformer(nn.Module):
       jnp.dtype(cfg.param_dtype),
     )
     # LLaDA does not scale embeddings; MASK is an ordinary row.
-    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+    x_BxSxD = jnp.take(embedding_VxD, tokens_BxS, axis=0).astype(jnp.dtype(cfg.dtype))
     valid_BxT = valid_BxT.astype(jnp.bool_)
 
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x_BxTxD, _ = nn.scan(
+      x_BxSxD, kv = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=(nn.broadcast, 0, nn.broadcast),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="blocks")(x_BxTxD, valid_BxT)
+      )(cfg, return_kv, name="blocks")(x_BxSxD, valid_BxT, cache_kv, start)
     else:
+      layers_kv = []
       for i in range(cfg.n_layers):
-        x_BxTxD, _ = block(cfg, name=f"blocks_{i}")(x_BxTxD, valid_BxT)
+        layer_cache = None if cache_kv is None else jax.tree.map(lambda c, i=i: c[i], cache_kv)
+        x_BxSxD, layer_kv = block(cfg, return_kv, name=f"blocks_{i}")(
+          x_BxSxD, valid_BxT, layer_cache, start
+        )
+        layers_kv.append(layer_kv)
+      kv = jax.tree.map(lambda *xs: jnp.stack(xs), *layers_kv) if return_kv else None
 
-    hidden_BxTxD = RMSNorm(cfg, name="ln_f")(x_BxTxD)
+    hidden_BxSxD = RMSNorm(cfg, name="ln_f")(x_BxSxD)
     if logits_from:
-      hidden_BxTxD = hidden_BxTxD[:, logits_from:]
-    logits_BxTxV = _dense(hidden_BxTxD, cfg.vocab_size, ("embed", "vocab"), cfg, "ff_out")
-    logits_BxTxV = nn.with_logical_constraint(
-      logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab")
+      hidden_BxSxD = hidden_BxSxD[:, logits_from:]
+    logits_BxSxV = _dense(hidden_BxSxD, cfg.vocab_size, ("embed", "vocab"), cfg, "ff_out")
+    logits_BxSxV = nn.with_logical_constraint(
+      logits_BxSxV.astype(jnp.float32), ("batch", "length", "vocab")
     )
-    if return_hidden:
-      return logits_BxTxV, hidden_BxTxD
-    return logits_BxTxV
+    out = (logits_BxSxV, hidden_BxSxD) if return_hidden else logits_BxSxV
+    return (out, kv) if return_kv else out
 
 
 def restack(params, n_layers: int, scan_layers: bool):

@@ -122,6 +122,11 @@ def check_trajectory(ocfg: ObjectiveConfig) -> None:
     raise ValueError(
       "estimator 'trajectory' needs temperature > 0: a greedy rollout has no path probability"
     )
+  if not ocfg.rollout.exact:
+    raise ValueError(
+      f"estimator 'trajectory' replays the exact sampler's steps; the rollouts' sampler is "
+      f"{ocfg.rollout.mode!r} (set rl.rollout to cache none, threshold 0, stop_at_eos False)"
+    )
   if ocfg.residual == "product":
     raise ValueError(
       "estimator 'trajectory' is exact, so the residual has no mask noise: use residual 'square' "

@@ -283,6 +283,7 @@ class Rollouts(NamedTuple):
   rewards_N: np.ndarray
   sample_s: float
   score_s: float
+  nfe_per_token: float  # model evaluations per generated token, this process's rows
 
 
 def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings):
@@ -332,7 +333,7 @@ class PostTraining:
     prompt_NxP, valid_NxP = np.repeat(prompt_BxP, g, 0), np.repeat(valid_BxP, g, 0)
     prompts = sharding.global_batch((prompt_NxP, valid_NxP), mesh, rules)
     key = jax.random.fold_in(jax.random.PRNGKey(pcfg.seed + 2), step)
-    completion_NxL, commit_step_NxL = self._generate(params, prompt_BxP, valid_BxP, key)
+    completion_NxL, commit_step_NxL, nfe_N = self._generate(params, prompt_BxP, valid_BxP, key)
     t1 = time.perf_counter()
     texts = [ref.decode(c) for c in completion_NxL]
     owners = [self.train.problems[i] for i in idx for _ in range(g)]
@@ -343,10 +344,11 @@ class PostTraining:
       mesh,
       rules,
     )
-    return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1)
+    nfe_per_token = float(nfe_N.mean()) / completion_NxL.shape[1]
+    return Rollouts(prompts, rollout, owners, texts, rewards_N, t1 - t0, t2 - t1, nfe_per_token)
 
   def _generate(self, params, prompt_BxP, valid_BxP, key):
-    """This process's `(completion_NxL, commit_step_NxL)`, G rows per prompt: members
+    """This process's `(completion_NxL, commit_step_NxL, nfe_N)`, G rows per prompt: members
     `0..reference_rollouts-1` of each group sampled from the reference, the rest from `params`."""
     g, k = self.pcfg.group_size, self.pcfg.reference_rollouts
     mesh, rules = self.ref.mesh, self.ref.rules
@@ -362,11 +364,11 @@ class PostTraining:
         jax.random.fold_in(key, salt) if salt else key,
       )
       b = prompt_BxP.shape[0]
-      parts.append([sharding.local_rows(x).reshape(b, members, -1) for x in out[:2]])
-    completion, commit_step = (np.concatenate(xs, 1) for xs in zip(*parts))
-    return completion.reshape(-1, completion.shape[-1]), commit_step.reshape(
-      -1, commit_step.shape[-1]
-    )
+      fields = (out.completion_BxL, out.commit_step_BxL, out.nfe_B[:, None])
+      parts.append([sharding.local_rows(x).reshape(b, members, -1) for x in fields])
+    completion, commit_step, nfe = (np.concatenate(xs, 1) for xs in zip(*parts))
+    length = completion.shape[-1]
+    return completion.reshape(-1, length), commit_step.reshape(-1, length), nfe.reshape(-1)
 
   def update(self, state, rollouts: Rollouts, step: int):
     """`(state, device metrics)` after prepare and the inner updates on one step's rollouts."""
@@ -402,6 +404,7 @@ class PostTraining:
         {
           "time/sample_s": rollouts.sample_s,
           "time/score_s": rollouts.score_s,
+          "rollout/nfe_per_token": rollouts.nfe_per_token,
           "time/update_s": t3 - t2,
           "perf/tokens_per_s": pcfg.rows * rollouts.rollout.tokens_NxT.shape[1] / (t3 - t0),
         }
@@ -422,7 +425,8 @@ class PostTraining:
       self.scaffold.writer.write_texts(
         done,
         {
-          f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} (reward {rewards_N[j]:.0f})"
+          f"sample/{j}": f"{owners[j].prompt.strip()} -> {texts[j]!r} (reward {rewards_N[j]:.0f}, "
+          f"sampler {pcfg.scfg.mode})"
           for j in range(0, len(owners), g)
         },
       )

@@ -210,10 +210,15 @@ class Generator:
     cfg_scale: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
+    **modes,
   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(completion_NxL, commit_step_NxL, logp_NxL)` for prompts given as token ids (no tokenizer
     needed): the whole completion region (EOS fill included), the denoising step that committed each
-    position and its log-probability when it was drawn (`sampler.generate`)."""
+    position and its log-probability when it was drawn (`sampler.generate`). `modes` are the
+    sampler's speed settings (`sampler.MODE_FIELDS`: cache, threshold, stop_at_eos, ...)."""
+    unknown = sorted(set(modes) - set(sampler.MODE_FIELDS))
+    if unknown:
+      raise ValueError(f"unknown sampler settings {unknown}; modes: {list(sampler.MODE_FIELDS)}")
     scfg = sampler.SamplerConfig(
       gen_length=gen_length,
       steps=steps,
@@ -221,6 +226,7 @@ class Generator:
       temperature=temperature,
       remasking=remasking,
       cfg_scale=cfg_scale,
+      **modes,
     )
     generate = self._fn(scfg)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -230,7 +236,8 @@ class Generator:
       chunk = prompt_ids[start : start + batch_size]
       prompt_BxP, valid_BxP = self.pad_prompts(chunk, batch_size)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-      out = map(sharding.to_host, generate(self.params, prompt_BxP, valid_BxP, rng))
+      out = generate(self.params, prompt_BxP, valid_BxP, rng)
+      out = map(sharding.to_host, (out.completion_BxL, out.commit_step_BxL, out.logp_BxL))
       for acc, value in zip((tokens, commit_steps, log_probs), out):
         acc.append(value[: len(chunk)])
     if not tokens:

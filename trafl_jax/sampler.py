@@ -11,14 +11,35 @@ position, the step that committed it and the log-probability of the committed to
 it was drawn from (`committed_log_probs`): the rollout's denoising path, which the trajectory estimator
 (objectives.py) scores again under other parameters.
 
+Modes (`SamplerConfig`, composable; the defaults are LLaDA's exact semantics):
+  cache="prefix"  each block starts with a full pass that also returns every layer's keys and values;
+                  the block's later steps compute only the block and what follows it, reusing the
+                  prompt's and finished blocks' keys and values from that pass (Fast-dLLM's prefix cache).
+  cache="dual"    also reuses the not-yet-decoded suffix's: a step computes only the block's positions.
+  refresh_every   with a cache, also recompute it every this many steps of a block (1: every step, the
+                  exact sampler's logits; 0: once per block).
+  threshold       commit every eligible position whose confidence exceeds it, and at least the most
+                  confident: a block takes as many steps as it needs (at most its length). 0: LLaDA's
+                  per-step commit counts.
+  stop_at_eos     once a row has committed an EOS and everything before it, its remaining MASKs become
+                  EOS (log-probability 0: not drawn) and it computes no more; the batch stops when every
+                  row has.
+  micro_batch     rows per pass: a batch of B rows runs as B / micro_batch passes in a loop (memory).
+A cached step's logits differ from the exact ones (stale keys and values), so a cached rollout is off the
+policy's exact sampling distribution: its recorded log-probabilities are the ones it was drawn with.
+Cached modes draw temperature noise for the computed positions only (the same distribution, other
+draws), and an earlier block's position holding a sampled MASK id is not decoded again.
+
 Dimension legend:
   B: batch    P: prompt length    L: gen_length    T: P + L    V: vocabulary    S: steps
+  W: the positions a step computes (L without a cache; the block, or the block and its suffix, with)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +49,9 @@ from flax import linen as nn
 from trafl_jax import sharding
 
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
+# SamplerConfig's speed settings, set together (config sections rl.rollout and eval.sampler).
+MODE_FIELDS = ("cache", "refresh_every", "threshold", "stop_at_eos", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +62,11 @@ class SamplerConfig:
   temperature: float = 0.0
   remasking: str = "low_confidence"
   cfg_scale: float = 0.0
+  cache: str = "none"
+  refresh_every: int = 0
+  threshold: float = 0.0
+  stop_at_eos: bool = False
+  micro_batch: int = 0
 
   def __post_init__(self):
     if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -60,6 +89,40 @@ class SamplerConfig:
       raise ValueError(f"remasking {self.remasking!r} is not one of {REMASKING}")
     if self.temperature < 0 or self.cfg_scale < 0:
       raise ValueError(f"temperature and cfg_scale must be >= 0: {self}")
+    if self.cache not in CACHES:
+      raise ValueError(f"cache {self.cache!r} is not one of {CACHES}")
+    if self.refresh_every < 0 or self.micro_batch < 0:
+      raise ValueError(f"refresh_every and micro_batch must be >= 0: {self}")
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"threshold {self.threshold} is not in [0, 1] (0: LLaDA's schedule)")
+    if self.threshold and self.remasking != "low_confidence":
+      raise ValueError(
+        f"threshold compares the model's confidence: it needs remasking 'low_confidence', not "
+        f"{self.remasking!r}"
+      )
+
+  @property
+  def mode(self) -> str:
+    """`exact`, or the fast modes joined by `+` (`dual+t0.9+eos`; `prefix/r4`: refreshed every 4
+    steps): what produced a rollout, and the tag of an evaluation row."""
+    parts = []
+    if self.cache != "none":
+      parts.append(self.cache + (f"/r{self.refresh_every}" if self.refresh_every else ""))
+    if self.threshold:
+      parts.append(f"t{self.threshold:g}")
+    if self.stop_at_eos:
+      parts.append("eos")
+    return "+".join(parts) or "exact"
+
+  @property
+  def exact(self) -> bool:
+    """LLaDA's semantics: no cache, the per-step commit counts, every block decoded."""
+    return self.cache == "none" and not self.threshold and not self.stop_at_eos
+
+  @property
+  def steps_bound_per_block(self) -> int:
+    """Steps a block may take: its length with a threshold, the schedule's otherwise."""
+    return self.block_length if self.threshold else self.steps_per_block
 
   @property
   def num_blocks(self) -> int:
@@ -120,19 +183,48 @@ def committed_log_probs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, temperat
 
 
 def completion_logits(
-  model, params, tokens_BxT, valid_BxT, prompt_len: int, cfg: SamplerConfig, prompt_BxT
+  model,
+  params,
+  tokens_BxT,
+  valid_BxT,
+  prompt_len: int,
+  cfg: SamplerConfig,
+  prompt_BxT,
+  *,
+  return_kv: bool = False,
 ):
-  """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass). The
-  trajectory estimator calls it too, so it scores exactly the logits the sampler drew from."""
+  """Completion logits, with classifier-free guidance when `cfg_scale > 0` (one batched pass: the
+  conditional rows, then the unconditional ones, whose prompt is MASK). The trajectory estimator calls
+  it too, so it scores exactly the logits the sampler drew from. `return_kv` also returns the pass's
+  keys and values (the caches; 2B rows with guidance)."""
   if cfg.cfg_scale > 0:
     unconditional_BxT = jnp.where(prompt_BxT, model.cfg.mask_token_id, tokens_BxT)
-    both = jnp.concatenate([tokens_BxT, unconditional_BxT], axis=0)
-    logits = model.apply(
-      {"params": params}, both, jnp.concatenate([valid_BxT, valid_BxT]), logits_from=prompt_len
-    )
-    cond_BxLxV, uncond_BxLxV = jnp.split(logits, 2, axis=0)
-    return uncond_BxLxV + (cfg.cfg_scale + 1.0) * (cond_BxLxV - uncond_BxLxV)
-  return model.apply({"params": params}, tokens_BxT, valid_BxT, logits_from=prompt_len)
+    tokens_BxT = jnp.concatenate([tokens_BxT, unconditional_BxT], axis=0)
+    valid_BxT = jnp.concatenate([valid_BxT, valid_BxT])
+  out = model.apply(
+    {"params": params}, tokens_BxT, valid_BxT, logits_from=prompt_len, return_kv=return_kv
+  )
+  logits, kv = out if return_kv else (out, None)
+  logits = _guided(logits, cfg)
+  return (logits, kv) if return_kv else logits
+
+
+def window_logits(model, params, window_BxW, valid_BxT, start, cache_kv, cfg: SamplerConfig):
+  """Logits of the W positions `start`..`start+W-1` (completion positions, whose tokens are the same
+  in guidance's conditional and unconditional rows), the other positions' keys and values read from
+  `cache_kv`."""
+  if cfg.cfg_scale > 0:
+    window_BxW = jnp.concatenate([window_BxW, window_BxW], axis=0)
+    valid_BxT = jnp.concatenate([valid_BxT, valid_BxT])
+  logits = model.apply({"params": params}, window_BxW, valid_BxT, cache_kv=cache_kv, start=start)
+  return _guided(logits, cfg)
+
+
+def _guided(logits, cfg: SamplerConfig):
+  if cfg.cfg_scale <= 0:
+    return logits
+  cond_BxLxV, uncond_BxLxV = jnp.split(logits, 2, axis=0)
+  return uncond_BxLxV + (cfg.cfg_scale + 1.0) * (cond_BxLxV - uncond_BxLxV)
 
 
 def prepare(prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, cfg: SamplerConfig, mask_id: int):
@@ -149,49 +241,197 @@ def prepare(prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, cfg: SamplerConf
   return tokens_BxT, valid_BxT, prompt_BxT
 
 
+class Generation(NamedTuple):
+  """What the sampler returns: the completion (EOS fill included), the step that committed each
+  position (steps are counted over the whole generation; -1: never committed), its log-probability
+  under the distribution it was drawn from, and the model evaluations that computed each row."""
+
+  completion_BxL: jax.Array
+  commit_step_BxL: jax.Array
+  logp_BxL: jax.Array
+  nfe_B: jax.Array
+
+
+class Carry(NamedTuple):
+  """The loop's state: the sequence, the `Generation` fields so far, the steps taken, the caches."""
+
+  tokens_BxT: jax.Array
+  commit_step_BxL: jax.Array
+  logp_BxL: jax.Array
+  nfe_B: jax.Array
+  step: jax.Array
+  cache_kv: tuple | None
+
+
+def _window(x_BxL: jax.Array, w0, width: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x_BxL, w0, width, axis=1)
+
+
+def _put(x_BxL: jax.Array, window_BxW: jax.Array, w0) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(x_BxL, window_BxW, w0, axis=1)
+
+
 def denoise_step(
-  i: jax.Array,
-  tokens_BxT: jax.Array,
-  commit_step_BxL: jax.Array,
-  logp_BxL: jax.Array,
+  carry: Carry,
+  block,
+  s,
   *,
+  width: int,
   params,
   valid_BxT: jax.Array,
   prompt_BxT: jax.Array,
   rng: jax.Array,
   model: nn.Module,
   cfg: SamplerConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One step: sample every position, commit the top-k eligible ones by confidence; the committed
-  positions record the step and the sampled token's log-probability (`committed_log_probs`)."""
-  b = tokens_BxT.shape[0]
-  length = cfg.gen_length
-  p = tokens_BxT.shape[1] - length
+) -> Carry:
+  """Step `s` of block `block`: sample the `width` computed positions (the whole completion without a
+  cache; from the block's start with one), commit the eligible ones (still MASK, in this block or
+  earlier) by LLaDA's count or the threshold; the committed positions record the step and the sampled
+  token's log-probability (`committed_log_probs`)."""
+  length, bl = cfg.gen_length, cfg.block_length
+  p = carry.tokens_BxT.shape[1] - length
+  b = carry.tokens_BxT.shape[0]
   mask_id = model.cfg.mask_token_id
-  logits_BxLxV = completion_logits(model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT)
-  step_rng = jax.random.fold_in(rng, i)
+  w0 = 0 if cfg.cache == "none" else block * bl  # first computed completion position
+  tokens_BxT, cache_kv = carry.tokens_BxT, carry.cache_kv
+  if cfg.cache == "none":
+    logits_BxWxV = completion_logits(model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT)
+  else:
+
+    def full(cache_kv):
+      logits_BxLxV, kv = completion_logits(
+        model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT, return_kv=True
+      )
+      return _window(logits_BxLxV, w0, width), kv
+
+    def cached(cache_kv):
+      window_BxW = _window(tokens_BxT, p + w0, width)
+      return window_logits(model, params, window_BxW, valid_BxT, p + w0, cache_kv, cfg), cache_kv
+
+    refresh = s == 0
+    if cfg.refresh_every:
+      refresh |= s % cfg.refresh_every == 0
+    logits_BxWxV, cache_kv = jax.lax.cond(refresh, full, cached, cache_kv)
+  # Draws are keyed by (block, step in block): the exact mode's key is its global step.
+  step_rng = jax.random.fold_in(rng, block * cfg.steps_bound_per_block + s)
   if cfg.temperature > 0:
     # argmax(logits / T + Gumbel) samples softmax(logits / T); LLaDA writes the same draw as
     # exp(logits) / (-log u)^T.
-    gumbel_BxLxV = jax.random.gumbel(step_rng, logits_BxLxV.shape, jnp.float32)
-    sampled_BxL = jnp.argmax(logits_BxLxV / cfg.temperature + gumbel_BxLxV, axis=-1)
+    gumbel_BxWxV = jax.random.gumbel(step_rng, logits_BxWxV.shape, jnp.float32)
+    sampled_BxW = jnp.argmax(logits_BxWxV / cfg.temperature + gumbel_BxWxV, axis=-1)
   else:
-    sampled_BxL = jnp.argmax(logits_BxLxV, axis=-1)
+    sampled_BxW = jnp.argmax(logits_BxWxV, axis=-1)
   if cfg.remasking == "low_confidence":
-    confidence_BxL = chosen_probability(logits_BxLxV, sampled_BxL)
+    confidence_BxW = chosen_probability(logits_BxWxV, sampled_BxW)
   else:
-    confidence_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, length))
-  completion_BxL = tokens_BxT[:, p:]
+    uniform_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, length))
+    confidence_BxW = _window(uniform_BxL, w0, width)
+  completion_BxW = _window(tokens_BxT[:, p:], w0, width)
   # As in LLaDA, "still masked" means "holds the MASK id".
-  masked_BxL = completion_BxL == mask_id
-  block_end = (i // cfg.steps_per_block + 1) * cfg.block_length
-  eligible_BxL = masked_BxL & (jnp.arange(length) < block_end)[None, :]
-  commit_BxL = top_k_mask(confidence_BxL, eligible_BxL, jnp.asarray(commit_schedule(cfg))[i])
-  completion_BxL = jnp.where(commit_BxL, sampled_BxL.astype(jnp.int32), completion_BxL)
-  commit_step_BxL = jnp.where(commit_BxL, i, commit_step_BxL)
-  logp_sampled_BxL = committed_log_probs(logits_BxLxV, sampled_BxL, cfg.temperature)
-  logp_BxL = jnp.where(commit_BxL, logp_sampled_BxL, logp_BxL)
-  return tokens_BxT.at[:, p:].set(completion_BxL), commit_step_BxL, logp_BxL
+  position_W = w0 + jnp.arange(width)
+  eligible_BxW = (completion_BxW == mask_id) & (position_W < (block + 1) * bl)[None, :]
+  if cfg.threshold:
+    commit_BxW = top_k_mask(confidence_BxW, eligible_BxW, 1)
+    commit_BxW |= eligible_BxW & (confidence_BxW > cfg.threshold)
+  else:
+    k = jnp.asarray(commit_schedule(cfg))[block * cfg.steps_per_block + s]
+    commit_BxW = top_k_mask(confidence_BxW, eligible_BxW, k)
+  completion_BxW = jnp.where(commit_BxW, sampled_BxW.astype(jnp.int32), completion_BxW)
+  step_BxW = jnp.where(commit_BxW, carry.step, _window(carry.commit_step_BxL, w0, width))
+  logp_sampled_BxW = committed_log_probs(logits_BxWxV, sampled_BxW, cfg.temperature)
+  logp_BxW = jnp.where(commit_BxW, logp_sampled_BxW, _window(carry.logp_BxL, w0, width))
+  return Carry(
+    jax.lax.dynamic_update_slice_in_dim(tokens_BxT, completion_BxW, p + w0, axis=1),
+    _put(carry.commit_step_BxL, step_BxW, w0),
+    _put(carry.logp_BxL, logp_BxW, w0),
+    carry.nfe_B + _active(carry, block, cfg, mask_id).astype(jnp.int32),
+    carry.step + 1,
+    cache_kv,
+  )
+
+
+def _active(carry: Carry, block, cfg: SamplerConfig, mask_id: int) -> jax.Array:
+  """Rows with a MASK left in this block or before it (the ones a step of this block computes for)."""
+  completion_BxL = carry.tokens_BxT[:, -cfg.gen_length :]
+  upto_L = jnp.arange(cfg.gen_length) < (block + 1) * cfg.block_length
+  return ((completion_BxL == mask_id) & upto_L[None, :]).any(-1)
+
+
+def fill_finished(carry: Carry, cfg: SamplerConfig, mask_id: int, eos_id: int) -> Carry:
+  """`stop_at_eos`: a row whose first EOS and everything before it are committed is finished; its
+  remaining MASKs become EOS (recorded at the current step, log-probability 0: nothing was drawn)."""
+  length = cfg.gen_length
+  completion_BxL = carry.tokens_BxT[:, -length:]
+  is_eos_BxL = completion_BxL == eos_id
+  first_B = jnp.where(is_eos_BxL.any(-1), jnp.argmax(is_eos_BxL, -1), length)
+  before_BxL = jnp.arange(length)[None, :] < first_B[:, None]
+  done_B = is_eos_BxL.any(-1) & ~((completion_BxL == mask_id) & before_BxL).any(-1)
+  fill_BxL = done_B[:, None] & (completion_BxL == mask_id)
+  return carry._replace(
+    tokens_BxT=carry.tokens_BxT.at[:, -length:].set(jnp.where(fill_BxL, eos_id, completion_BxL)),
+    commit_step_BxL=jnp.where(fill_BxL, carry.step, carry.commit_step_BxL),
+    logp_BxL=jnp.where(fill_BxL, 0.0, carry.logp_BxL),
+  )
+
+
+def _generate_rows(params, prompt_BxP, prompt_valid_BxP, rng, *, model, cfg: SamplerConfig):
+  p = prompt_BxP.shape[1]
+  mask_id = model.cfg.mask_token_id
+  tokens_BxT, valid_BxT, prompt_BxT = prepare(prompt_BxP, prompt_valid_BxP, cfg, mask_id)
+  step = functools.partial(
+    denoise_step,
+    params=params,
+    valid_BxT=valid_BxT,
+    prompt_BxT=prompt_BxT,
+    rng=rng,
+    model=model,
+    cfg=cfg,
+  )
+  b, length, bl = tokens_BxT.shape[0], cfg.gen_length, cfg.block_length
+  cache_kv = None
+  if (
+    cfg.cache != "none"
+  ):  # a buffer of the full pass's keys and values, filled at each block's start
+    _, kv_shapes = jax.eval_shape(
+      lambda: completion_logits(
+        model, params, tokens_BxT, valid_BxT, p, cfg, prompt_BxT, return_kv=True
+      )
+    )
+    cache_kv = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), kv_shapes)
+  carry = Carry(
+    tokens_BxT,
+    jnp.full((b, length), -1, jnp.int32),
+    jnp.zeros((b, length), jnp.float32),
+    jnp.zeros((b,), jnp.int32),
+    jnp.zeros((), jnp.int32),
+    cache_kv,
+  )
+
+  def run_block(block, carry, width):
+    def cond(state):
+      s, c = state
+      return (s < cfg.steps_bound_per_block) & _active(c, block, cfg, mask_id).any()
+
+    def body(state):
+      s, c = state
+      c = step(c, block, s, width=width)
+      if cfg.stop_at_eos:
+        c = fill_finished(c, cfg, mask_id, model.cfg.eos_token_id)
+      return s + 1, c
+
+    if cfg.exact:  # LLaDA's loop: a fixed number of steps, nothing to test between them
+      return jax.lax.fori_loop(
+        0, cfg.steps_per_block, lambda s, c: step(c, block, s, width=width), carry
+      )
+    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry))[1]
+
+  if cfg.cache == "prefix":  # the computed width shrinks block by block: one loop body per block
+    for block in range(cfg.num_blocks):
+      carry = run_block(block, carry, length - block * bl)
+  else:
+    width = length if cfg.cache == "none" else bl
+    carry = jax.lax.fori_loop(0, cfg.num_blocks, lambda i, c: run_block(i, c, width), carry)
+  return Generation(carry.tokens_BxT[:, p:], carry.commit_step_BxL, carry.logp_BxL, carry.nfe_B)
 
 
 def generate(
@@ -202,42 +442,45 @@ def generate(
   *,
   model: nn.Module,
   cfg: SamplerConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns `(completion_BxL, commit_step_BxL, logp_BxL)`: the tokens, the step that committed each,
-  and its log-probability under the distribution it was drawn from at that step (`committed_log_probs`:
-  at temperature T, `log softmax(logits / T)`). With `random` remasking the order of the commits does
-  not depend on the model, and `logp_BxL.sum(-1)` is the log-probability of the rollout's path up to
-  that order's probability. (A sampled MASK id stays eligible, as in LLaDA, and is committed again
-  later; only the last commit of a position is recorded.)"""
-  p = prompt_BxP.shape[1]
-  tokens_BxT, valid_BxT, prompt_BxT = prepare(
-    prompt_BxP, prompt_valid_BxP, cfg, model.cfg.mask_token_id
-  )
-  step = functools.partial(
-    denoise_step,
-    params=params,
-    valid_BxT=valid_BxT,
-    prompt_BxT=prompt_BxT,
-    rng=rng,
-    model=model,
-    cfg=cfg,
-  )
-  shape_BxL = tokens_BxT[:, p:].shape
-  init = (tokens_BxT, jnp.full(shape_BxL, -1, jnp.int32), jnp.zeros(shape_BxL, jnp.float32))
-  tokens_BxT, commit_step_BxL, logp_BxL = jax.lax.fori_loop(
-    0, cfg.steps, lambda i, c: step(i, *c), init
-  )
-  return tokens_BxT[:, p:], commit_step_BxL, logp_BxL
+) -> Generation:
+  """The `Generation` of a batch: the tokens, the step that committed each, its log-probability
+  under the distribution it was drawn from at that step (`committed_log_probs`: at temperature T,
+  `log softmax(logits / T)`), and the model evaluations per row. With `random` remasking the order of
+  the commits does not depend on the model, and `logp_BxL.sum(-1)` is the log-probability of the
+  rollout's path up to that order's probability. (A sampled MASK id stays eligible, as in LLaDA, and is
+  committed again later; only the last commit of a position is recorded.)
+
+  With `micro_batch` (dividing B), the rows run in B / micro_batch passes of a `lax.map`; row r is in
+  pass r mod (B / micro_batch), so every pass spans the batch's shards, and pass j draws from
+  `fold_in(rng, j)`."""
+  rows = functools.partial(_generate_rows, model=model, cfg=cfg)
+  b = prompt_BxP.shape[0]
+  mb = cfg.micro_batch
+  if not mb or mb >= b:
+    return rows(params, prompt_BxP, prompt_valid_BxP, rng)
+  if b % mb:
+    raise ValueError(f"sampler micro_batch {mb} does not divide the batch of {b} rows")
+  passes = b // mb
+
+  def split(x):  # [B, ...] -> [passes, mb, ...], row r = i * passes + j in pass j
+    return jnp.swapaxes(x.reshape(mb, passes, *x.shape[1:]), 0, 1)
+
+  def one(args):
+    j, prompt, valid = args
+    return rows(params, prompt, valid, jax.random.fold_in(rng, j))
+
+  out = jax.lax.map(one, (jnp.arange(passes), split(prompt_BxP), split(prompt_valid_BxP)))
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(b, *x.shape[2:]), out)
 
 
 def make_generate_fn(model: nn.Module, cfg: SamplerConfig, mesh, rules, param_shardings):
-  """`(params, prompt_BxP, prompt_valid_BxP, rng) -> (completion_BxL, commit_step_BxL, logp_BxL)`, jitted once
-  per prompt shape with the batch sharded on the data axes and parameters as in training."""
+  """`(params, prompt_BxP, prompt_valid_BxP, rng) -> Generation`, jitted once per prompt shape with
+  the batch sharded on the data axes and parameters as in training."""
   batch = sharding.batch_sharding(mesh, rules)
   fn = jax.jit(
     functools.partial(generate, model=model, cfg=cfg),
     in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
-    out_shardings=(batch, batch, batch),
+    out_shardings=Generation(batch, batch, batch, sharding.batch_sharding(mesh, rules, ndim=1)),
   )
 
   def run(params, prompt_BxP, prompt_valid_BxP, rng):

@@ -213,3 +213,21 @@ def test_the_target_row_is_the_reference_tilted_by_beta(tmp_path):
   assert "target" not in {
     r["checkpoint"] for r in evaluate._summaries(records, ["trafl"], beta)["results"]
   }
+
+
+def test_rows_sampled_in_a_fast_mode_are_tagged_with_it():
+  config = math_config.get_config("tiny")
+  config.eval.sampler.cache = "dual"
+  config.eval.sampler.threshold = 0.9
+  config.eval.remasking = ("low_confidence", "random")
+  with pytest.raises(ValueError, match="needs remasking 'low_confidence'"):
+    config_lib.eval_config(config)  # a threshold on random scores means nothing
+  config.eval.remasking = ("low_confidence",)
+  cfg = config_lib.eval_config(config)
+  assert [label for label, _, _ in cfg.rows()] == ["countdown[dual+t0.9]"]
+  settings = evaluate.sampler_settings(cfg, 16)
+  assert settings["cache"] == "dual" and settings["threshold"] == 0.9
+  with config.unlocked():  # a locked config refuses it already; a stored one is checked too
+    config.eval.sampler.cahce = "prefix"
+  with pytest.raises(ValueError, match="eval.sampler has keys nothing reads: cahce"):
+    config_lib.eval_config(config)

@@ -146,3 +146,22 @@ def test_reference_rollouts_do_not_follow_the_policy(reference, tmp_path):
 def test_bad_reference_rollouts_are_named(reference, tmp_path, rl, match):
   with pytest.raises(ValueError, match=match):
     pipeline.posttrain_stage(_config(**rl), str(tmp_path / "bad"), reference)
+
+
+def test_fast_rollouts_are_recorded_and_refused_by_the_trajectory_estimator(reference, tmp_path):
+  config = _config()
+  config.rl.rollout.cache = "dual"
+  config.rl.rollout.stop_at_eos = True
+  assert config_lib.sampler_config(config).mode == "dual+eos"
+  workdir = str(tmp_path / "fast")
+  last = pipeline.posttrain_stage(config, workdir, reference)
+  # At most one evaluation per step of the exact schedule (fewer once rows end).
+  assert 0 < last["rollout/nfe_per_token"] <= config.rl.sample_steps / config.rl.gen_length
+  config = _config(estimator="trajectory", remasking="random")
+  config.rl.rollout.cache = "prefix"
+  with pytest.raises(ValueError, match="replays the exact sampler's steps"):
+    config_lib.objective_config(config)
+  with config.unlocked():
+    config.rl.rollout.kache = "prefix"
+  with pytest.raises(ValueError, match="rl.rollout has keys nothing reads: kache"):
+    config_lib.sampler_config(config)

@@ -157,6 +157,22 @@ def test_command_line(workdir, tmp_path):
   assert result.returncode == 0, result.stderr
   assert f"=== 0: {PROMPTS[0].strip()}\n{want[0].text}\n" in result.stdout
   assert f"=== 1: {PROMPTS[1].strip()}\n{want[1].text}\n" in result.stdout
+  modes = dict(cache="dual", threshold=0.9, stop_at_eos=True)
+  fast = generator.generate(PROMPTS[:1], **SETTINGS, **modes)
+  result = _cli(
+    f"--checkpoint={workdir}",
+    f"--prompt={PROMPTS[0]}",
+    "--gen_length=16",
+    "--steps=8",
+    "--block_length=8",
+    "--cache=dual",
+    "--threshold=0.9",
+    "--stop_at_eos",
+  )
+  assert result.returncode == 0, result.stderr
+  assert f"=== 0: {PROMPTS[0].strip()}\n{fast[0].text}\n" in result.stdout
+  with pytest.raises(ValueError, match="unknown sampler settings \\['kv_cache'\\]"):
+    generator.generate(PROMPTS[:1], **SETTINGS, kv_cache="dual")
   bad = _cli(f"--checkpoint={tmp_path / 'nowhere'}", "--prompt=hi")
   assert bad.returncode == 1 and "error:" in bad.stderr and "nowhere" in bad.stderr
   assert "Traceback" not in bad.stderr

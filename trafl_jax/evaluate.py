@@ -59,6 +59,10 @@ class EvalConfig:
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
 
+  def __post_init__(self):
+    for remasking in self.remasking:  # the modes with each row's remasking: errors name the setting
+      sampler.SamplerConfig(remasking=remasking, **self.sampler)
+
   def load(self, task: str, path: str | None, split: str = "test"):
     """The split's problems, without repeats (a problem that appears twice, by id or by prompt, is
     evaluated once: one problem is one point)."""

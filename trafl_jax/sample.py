@@ -318,6 +318,7 @@ def main(argv) -> None:
     cfg_scale=f.cfg_scale,
     seed=f.seed,
     batch_size=f.batch_size,
+    **{k: f[k].value for k in sampler.MODE_FIELDS},
   )
   try:
     prompts = list(f.prompt or []) + (read_prompts(f.prompts_file) if f.prompts_file else [])
@@ -356,6 +357,11 @@ def _define_flags() -> None:
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_enum("remasking", "low_confidence", list(sampler.REMASKING), "Remasking rule.")
   flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale.")
+  flags.DEFINE_enum("cache", "none", list(sampler.CACHES), "Key/value cache: none, prefix, dual.")
+  flags.DEFINE_integer("refresh_every", 0, "Cache refresh every N steps of a block (0: per block).")
+  flags.DEFINE_float("threshold", 0.0, "Commit every position above this confidence (0: off).")
+  flags.DEFINE_bool("stop_at_eos", False, "Rows that finished their answer stop computing.")
+  flags.DEFINE_integer("micro_batch", 0, "Sampler rows per pass (0: the whole batch).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call (rounded up to the devices).")
   flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Apply the chat template.")

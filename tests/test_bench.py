@@ -29,3 +29,20 @@ def test_rl_step_flops_count_the_masked_copies():
   trafl = objectives.ObjectiveConfig(objective="trafl", num_masks=2, log_z="mlp")
   log_z = model_lib.forward_flops(cfg, 2, 32)
   assert bench.rl_step_flops(cfg, trafl, 2, 4, 32, 1) == pytest.approx(10 * fwd + log_z)
+
+
+def test_sample_bench_times_a_fast_mode_beside_the_exact_sampler():
+  scfg = sampler.SamplerConfig(
+    gen_length=16, steps=8, block_length=8, cache="dual", threshold=0.9, stop_at_eos=True
+  )
+  out = bench.bench_sample("tiny", batch=8, prompt_len=8, scfg=scfg, dtype="float32", repeats=1)
+  assert out["mode"] == "dual+t0.9+eos"
+  assert out["speedup_vs_exact"] == pytest.approx(out["exact_call_s"] / out["call_s"])
+  assert out["tokens_per_s"] == pytest.approx(8 * 16 / out["call_s"])
+  assert 0.0 <= out["agreement"] <= 1.0
+  # One evaluation per step at most: the threshold or finished rows only make it fewer than 16.
+  assert 0 < out["nfe_per_token"] <= 1.0
+  exact = bench.bench_sample(
+    "tiny", 8, 8, sampler.SamplerConfig(gen_length=16, steps=8, block_length=8), "float32", 1
+  )
+  assert "speedup_vs_exact" not in exact and exact["nfe_per_token"] == 0.5

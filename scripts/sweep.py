@@ -82,6 +82,10 @@ SETTINGS: dict[str, dict] = {
   "diffu_grpo_d1": {"variant": "d1", "rl.objective": "diffu_grpo"},
   "elbo_grpo_d1": {"variant": "d1", "rl.objective": "elbo_grpo"},
   "wd1_d1": {"variant": "d1", "rl.objective": "wd1"},
+  # diffu_grpo_d1 lost at every k at lr 1e-4 (KL 1.0 to the reference): d1's 8 inner updates per
+  # rollout batch may want a smaller rate (d1 itself uses 3e-6 on LLaDA-8B).
+  "diffu_grpo_d1_lr1e-5": {"variant": "d1", "rl.objective": "diffu_grpo", "rl.lr": 1e-5},
+  "diffu_grpo_d1_lr3e-5": {"variant": "d1", "rl.objective": "diffu_grpo", "rl.lr": 3e-5},
 }
 STAGES = ("screen", "seeds")
 

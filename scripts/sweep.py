@@ -33,7 +33,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import math as math_config  # noqa: E402
-from trafl_jax import cli, evaluate, jsonl, pipeline  # noqa: E402
+from trafl_jax import cli, eval_report, evaluate, jsonl, pipeline, report  # noqa: E402
 
 # What every setting starts from: configs/math.py as it was when the screen ran (its default has since
 # become bounded_b32_lr3e-4), so each setting's runs stay the same whatever the default becomes.
@@ -101,6 +101,12 @@ _REFERENCE = flags.DEFINE_string(
 _SAMPLES = flags.DEFINE_integer("eval_samples", 16, "Samples per problem (pass@k up to this k).")
 _LIMIT = flags.DEFINE_integer("eval_limit", 200, "Problems per evaluation split.")
 _VARIANT = flags.DEFINE_string("variant", "", "configs/math.py variant (tiny: a smoke test).")
+_RESULTS_JSON = flags.DEFINE_string(
+  "results_json",
+  "",
+  "After the stage: the evaluation directory's reports (trafl_jax.report: eval.md, passk.png, seeds "
+  "grouped per setting) and their results.json, with each setting's overrides, written here too.",
+)
 
 
 def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, variant: str = ""):
@@ -249,6 +255,19 @@ def main(argv):
       with open(os.path.join(workdir, f"{stage}.json"), "w", encoding="utf-8") as f:
         json.dump({"reference": reference, "rows": rows, "settings": SETTINGS}, f, indent=2)
       print(text, flush=True)
+  if _RESULTS_JSON.value:
+    write_report(eval_dir, names, reference, runs, _RESULTS_JSON.value)
+
+
+def write_report(eval_dir: str, names, reference: str, runs, path: str) -> None:
+  """The stage's reports over the reference and this invocation's runs, at the first run's beta."""
+  labels = ["reference"] + [label for label, _, _ in runs]
+  settings = {
+    "reference": reference,
+    "settings": {name: {**SCREEN_BASE, **SETTINGS[name]} for name in names},
+  }
+  report.rebuild(eval_dir, runs[0][2] if runs else None, labels, extra_settings=settings)
+  eval_report.write_json(eval_report._load(os.path.join(eval_dir, eval_report.RESULTS_FILE)), path)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(
@@ -60,3 +61,33 @@ def test_table_measures_the_gap_to_the_target_on_the_same_problems(tmp_path):
   assert row["gap_closed"] == pytest.approx(0.25 / (row["target_pass1"] - 0.5))
   assert row["diag/tilt"] == pytest.approx(0.5) and "diag/mask_noise" not in row
   assert "| run/s0 | countdown@train | 2 |" in text
+
+
+def test_the_seeds_report_groups_seeds_and_records_each_setting(tmp_path):
+  from trafl_jax import evaluate
+
+  eval_dir = tmp_path / "seeds_eval"
+  eval_dir.mkdir()
+  lines = []
+  for label, hits in (("reference", (1, 2, 0)), ("base/s0", (2, 2, 1)), ("base/s1", (1, 3, 0))):
+    for pid, c in zip(("a", "b", "x"), hits):
+      rewards = [1.0] * c + [0.0] * (4 - c)
+      record = evaluate.problem_record(
+        rewards[0], rewards, ["1+2"] * 4, ["1+2"] * 4, np.zeros((4, 3), np.int32)
+      )
+      record.update(checkpoint=label, task="countdown", gen_length=16, id=pid)
+      lines.append(json.dumps(record) + "\n")
+  (eval_dir / "eval_records.jsonl").write_text("".join(lines))
+  out = tmp_path / "results.json"
+  runs = [("base/s0", str(tmp_path), 2.0), ("base/s1", str(tmp_path), 2.0)]
+  sweep.write_report(str(eval_dir), ["base"], "/ref", runs, str(out))
+  doc = json.loads(out.read_text())
+  assert doc["settings"]["settings"]["base"] == sweep.SCREEN_BASE
+  assert doc["settings"]["reference"] == "/ref"
+  (row,) = doc["rows"]
+  assert row["k"] == [1, 2, 3, 4] and row["problems"] == 3
+  base = row["models"]["base"]  # the seeds grouped under their setting
+  assert sorted(base["labels"]) == ["base/s0", "base/s1"]
+  want = np.mean([(2 + 2 + 1) / 12, (1 + 3 + 0) / 12])  # pass@1: seed mean of the problem means
+  assert base["pass@k"]["mean"][0] == pytest.approx(want, abs=1e-6)
+  assert (eval_dir / "passk.png").exists() and (eval_dir / "eval.md").exists()

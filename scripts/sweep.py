@@ -86,6 +86,31 @@ SETTINGS: dict[str, dict] = {
   # rollout batch may want a smaller rate (d1 itself uses 3e-6 on LLaDA-8B).
   "diffu_grpo_d1_lr1e-5": {"variant": "d1", "rl.objective": "diffu_grpo", "rl.lr": 1e-5},
   "diffu_grpo_d1_lr3e-5": {"variant": "d1", "rl.objective": "diffu_grpo", "rl.lr": 3e-5},
+  "elbo_grpo_d1_lr3e-5": {"variant": "d1", "rl.objective": "elbo_grpo", "rl.lr": 3e-5},
+  "wd1_d1_lr1e-5": {"variant": "d1", "rl.objective": "wd1", "rl.lr": 1e-5},
+  # TraFL took one optimizer step per rollout batch where d1 takes 8 (its tilt stayed at 0.03-0.08):
+  # d1's budget for TraFL, which allows reusing its rollouts (importance-weighted, clipped). TraFL keeps
+  # its own surrogate (the EOS fill scored) and its bounded log Z.
+  "trafl_d1": {
+    "variant": "d1",
+    "rl.objective": "trafl",
+    "rl.log_z_bounded": True,
+    "rl.score_eos_fill": True,
+  },
+  "trafl_d1_lr3e-4": {
+    "variant": "d1",
+    "rl.objective": "trafl",
+    "rl.lr": 3e-4,
+    "rl.log_z_bounded": True,
+    "rl.score_eos_fill": True,
+  },
+  # 8 updates per rollout batch alone (TraFL's optimizer and temperature otherwise).
+  "bounded_mu8_lr3e-4": {
+    "rl.lr": 3e-4,
+    "rl.log_z_bounded": True,
+    "rl.num_inner_updates": 8,
+    "rl.importance_weights": True,
+  },
 }
 STAGES = ("screen", "seeds")
 

@@ -104,6 +104,16 @@ SETTINGS: dict[str, dict] = {
     "rl.log_z_bounded": True,
     "rl.score_eos_fill": True,
   },
+  # The main job's default with the residual's two unbiased parts: centred per group (no common-mode
+  # push on all-wrong groups) and the product of two independent mask draws (no implicit pull toward
+  # the reference from the mask noise).
+  "centred_product_b32_lr3e-4": {
+    "rl.lr": 3e-4,
+    "rl.prompts_per_step": 32,
+    "rl.log_z": "centred",
+    "rl.residual": "product",
+    "rl.num_masks": 4,
+  },
   # 8 updates per rollout batch alone (TraFL's optimizer and temperature otherwise).
   "bounded_mu8_lr3e-4": {
     "rl.lr": 3e-4,

@@ -114,6 +114,16 @@ SETTINGS: dict[str, dict] = {
     "rl.residual": "product",
     "rl.num_masks": 4,
   },
+  # The default with the product residual only: log Z bounded to [0, beta] keeps the absolute anchor that
+  # centring removes (lr3e-4_batch_mean_product collapsed: a policy whose samples all look alike has a
+  # centred residual near 0 at any distance from the reference).
+  "bounded_product_b32_lr3e-4": {
+    "rl.lr": 3e-4,
+    "rl.prompts_per_step": 32,
+    "rl.log_z_bounded": True,
+    "rl.residual": "product",
+    "rl.num_masks": 4,
+  },
   # 8 updates per rollout batch alone (TraFL's optimizer and temperature otherwise).
   "bounded_mu8_lr3e-4": {
     "rl.lr": 3e-4,

@@ -38,6 +38,13 @@ from trafl_jax import cli, eval_report, evaluate, jsonl, pipeline, report  # noq
 # What every setting starts from: configs/math.py as it was when the screen ran (its default has since
 # become bounded_b32_lr3e-4), so each setting's runs stay the same whatever the default becomes.
 SCREEN_BASE = {"rl.prompts_per_step": 8, "rl.lr": 1e-4, "rl.log_z_bounded": False}
+# TraFL with d1's training settings (see trafl_d1 below).
+TRAFL_D1 = {
+  "variant": "d1",
+  "rl.objective": "trafl",
+  "rl.log_z_bounded": True,
+  "rl.score_eos_fill": True,
+}
 # Overrides of SCREEN_BASE per setting ("rl.lr": 1e-3 sets config.rl.lr; "variant": "d1" starts from
 # configs/math.py:d1, the baselines as d1 runs them).
 SETTINGS: dict[str, dict] = {
@@ -91,19 +98,8 @@ SETTINGS: dict[str, dict] = {
   # TraFL took one optimizer step per rollout batch where d1 takes 8 (its tilt stayed at 0.03-0.08):
   # d1's budget for TraFL, which allows reusing its rollouts (importance-weighted, clipped). TraFL keeps
   # its own surrogate (the EOS fill scored) and its bounded log Z.
-  "trafl_d1": {
-    "variant": "d1",
-    "rl.objective": "trafl",
-    "rl.log_z_bounded": True,
-    "rl.score_eos_fill": True,
-  },
-  "trafl_d1_lr3e-4": {
-    "variant": "d1",
-    "rl.objective": "trafl",
-    "rl.lr": 3e-4,
-    "rl.log_z_bounded": True,
-    "rl.score_eos_fill": True,
-  },
+  "trafl_d1": TRAFL_D1,
+  "trafl_d1_lr3e-4": {**TRAFL_D1, "rl.lr": 3e-4},
   # The main job's default with the residual's two unbiased parts: centred per group (no common-mode
   # push on all-wrong groups) and the product of two independent mask draws (no implicit pull toward
   # the reference from the mask noise).

@@ -255,48 +255,13 @@ def rope(x_BxTxNxH: jax.Array, theta: float, offset: jax.Array | int = 0) -> jax
   return (x * jnp.cos(angles_TxH) + rotated * jnp.sin(angles_TxH)).astype(x_BxTxNxH.dtype)
 
 
-def cached_attention(
-  q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, cache_k_BxTxKxH, cache_v_BxTxKxH, valid_BxT, start
-):
-  """Attention of the S fresh positions `start`..`start+S-1` over the cached keys and values of the
-  other positions and their own fresh ones, in float32: one softmax over the two sets of scores. The
-  same as writing the fresh keys and values into the cache and attending over it, without the write
-  (inside the sampler's loop the cache is loop state, so the write would copy every layer's cache at
-  every step)."""
-  b, s, n, h = q_BxSxNxH.shape
-  t, k = cache_k_BxTxKxH.shape[1], cache_k_BxTxKxH.shape[2]
-  f32 = jnp.float32
-  q_BxSxKxGxH = q_BxSxNxH.reshape(b, s, k, n // k, h).astype(f32) * h**-0.5
-  cached_BxKxGxSxT = jnp.einsum(
-    "bskgh,btkh->bkgst", q_BxSxKxGxH, cache_k_BxTxKxH, preferred_element_type=f32
-  )
-  fresh_BxKxGxSxS = jnp.einsum(
-    "bskgh,bukh->bkgsu", q_BxSxKxGxH, k_BxSxKxH, preferred_element_type=f32
-  )
-  position_T = jnp.arange(t)
-  stale_T = (position_T >= start) & (position_T < start + s)  # replaced by the fresh ones
-  cached_valid_BxT = valid_BxT & ~stale_T[None, :]
-  fresh_valid_BxS = jax.lax.dynamic_slice_in_dim(valid_BxT, start, s, axis=1)
-  cached_BxKxGxSxT = jnp.where(cached_valid_BxT[:, None, None, None, :], cached_BxKxGxSxT, -jnp.inf)
-  fresh_BxKxGxSxS = jnp.where(fresh_valid_BxS[:, None, None, None, :], fresh_BxKxGxSxS, -jnp.inf)
-  top_BxKxGxS = jnp.maximum(cached_BxKxGxSxT.max(-1), fresh_BxKxGxSxS.max(-1))[..., None]
-  cached_BxKxGxSxT = jnp.exp(cached_BxKxGxSxT - top_BxKxGxS)
-  fresh_BxKxGxSxS = jnp.exp(fresh_BxKxGxSxS - top_BxKxGxS)
-  total_BxKxGxS = cached_BxKxGxSxT.sum(-1) + fresh_BxKxGxSxS.sum(-1)
-  out_BxSxKxGxH = jnp.einsum(
-    "bkgst,btkh->bskgh", cached_BxKxGxSxT, cache_v_BxTxKxH, preferred_element_type=f32
-  ) + jnp.einsum("bkgsu,bukh->bskgh", fresh_BxKxGxSxS, v_BxSxKxH, preferred_element_type=f32)
-  out_BxSxKxGxH = out_BxSxKxGxH / jnp.moveaxis(total_BxKxGxS, -1, 1)[..., None]
-  return out_BxSxKxGxH.reshape(b, s, n, h)
-
-
 class Attention(nn.Module):
   """Bidirectional attention of S query positions (`start`..`start+S-1`) over the T-long sequence.
 
   Without `cache_kv` the queries are the whole sequence (S = T, start 0). With it (keys and values of
   all T positions from an earlier pass: the sampler's prefix and dual caches) the S positions' fresh
-  keys and values stand in for theirs and the rest are reused (`cached_attention`). Returns the output
-  and the S positions' keys and values (a full pass returns the cache)."""
+  keys and values are written over theirs and the rest are reused. Returns the output and the S
+  positions' keys and values (a full pass returns the cache)."""
 
   cfg: ModelConfig
 
@@ -312,16 +277,17 @@ class Attention(nn.Module):
     q_BxSxNxH = rope(q_BxSxNxH, cfg.rope_theta, start)
     k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta, start)
     q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("batch", "length", "heads", "head_dim"))
-    if cache_kv is None:
-      # Bidirectional: padding removes keys only. Query head j reads KV head j // (N / K).
-      mask_Bx1x1xT = valid_BxT[:, None, None, :]
-      out_BxSxNxH = jax.nn.dot_product_attention(
-        q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1x1xT, scale=h**-0.5
-      )
-    else:
-      out_BxSxNxH = cached_attention(
-        q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, *cache_kv, valid_BxT, start
-      ).astype(q_BxSxNxH.dtype)
+    keys_BxTxKxH, values_BxTxKxH = k_BxSxKxH, v_BxSxKxH
+    if cache_kv is not None:
+      cache_k_BxTxKxH, cache_v_BxTxKxH = cache_kv
+      at = (0, start, 0, 0)
+      keys_BxTxKxH = jax.lax.dynamic_update_slice(cache_k_BxTxKxH, k_BxSxKxH, at)
+      values_BxTxKxH = jax.lax.dynamic_update_slice(cache_v_BxTxKxH, v_BxSxKxH, at)
+    # Bidirectional: padding removes keys only. Query head j reads KV head j // (N / K).
+    mask_Bx1x1xT = valid_BxT[:, None, None, :]
+    out_BxSxNxH = jax.nn.dot_product_attention(
+      q_BxSxNxH, keys_BxTxKxH, values_BxTxKxH, mask=mask_Bx1x1xT, scale=h**-0.5
+    )
     out_BxSxD = out_BxSxNxH.reshape(b, s, n * h)
     out_BxSxD = _dense(out_BxSxD, cfg.d_model, ("heads", "embed"), cfg, "attn_out")
     return out_BxSxD, (k_BxSxKxH, v_BxSxKxH)

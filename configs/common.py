@@ -67,6 +67,7 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.data.answer_len = 16
   c.data.batch_size = 64  # global, over all processes
   c.data.shuffle = True
+  c.data.too_long = "error"  # a record over prompt_len + answer_len: "error" (naming it) or "drop"
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # or "hf" (a tokenizer.json)

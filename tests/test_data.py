@@ -308,6 +308,20 @@ def test_encode_sft_errors_on_overlong():
     data.encode_sft([{"prompt": "a", "answer": "bcd"}], tok, 4, 3)
 
 
+def test_encode_sft_drops_overlong_when_asked():
+  tok = _CharTokenizer()
+  records = [{"prompt": "a", "answer": "b"}, {"prompt": "abcde", "answer": "b"}]
+  records += [{"prompt": "c", "answer": "bcd"}, {"prompt": "d", "answer": "e"}]
+  out = data.encode_sft(records, tok, 4, 3, too_long="drop")
+  kept = data.encode_sft([records[0], records[3]], tok, 4, 3)
+  for key in ("tokens", "valid", "completion"):
+    np.testing.assert_array_equal(out[key], kept[key])
+  with pytest.raises(ValueError, match="no record fits"):
+    data.encode_sft(records[1:3], tok, 4, 3, too_long="drop")
+  with pytest.raises(ValueError, match="too_long 'cut'"):
+    data.encode_sft(records, tok, 4, 3, too_long="cut")
+
+
 def test_encode_sft_with_sentencepiece_countdown(tmp_path):
   problems = countdown.generate(20, seed=1)
   tok = data.get_tokenizer("sentencepiece", None, str(tmp_path), _countdown_texts(), 128)

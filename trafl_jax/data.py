@@ -266,12 +266,17 @@ def get_tokenizer(
 # SFT encoding.
 
 
+TOO_LONG = ("error", "drop")
+
+
 def encode_sft(
-  records: Sequence[dict], tok: Tokenizer, prompt_len: int, answer_len: int
+  records: Sequence[dict], tok: Tokenizer, prompt_len: int, answer_len: int, too_long: str = "error"
 ) -> dict[str, np.ndarray]:
   """Encodes prompt/answer pairs in the LLaDA SFT layout.
 
   Row = [pad]*k + prompt (P tokens in all) | answer + [eos]* (A tokens, at least one eos).
+  A record longer than that is an error naming it (`too_long="error"`) or is left out, with the count
+  logged (`"drop"`; at least one record must fit).
 
   Returns:
     tokens_NxT int32, valid_NxT bool (False only on left padding), completion_NxT bool (True on
@@ -279,23 +284,40 @@ def encode_sft(
   """
   if prompt_len < 0 or answer_len < 1:
     raise ValueError(f"Need prompt_len >= 0 and answer_len >= 1, got {prompt_len}, {answer_len}")
-  num_rows, seq_len = len(records), prompt_len + answer_len
+  if too_long not in TOO_LONG:
+    raise ValueError(f"too_long {too_long!r} is not one of {TOO_LONG}")
+  encoded, dropped = [], 0
+  for i, record in enumerate(records):
+    prompt_ids = tok.encode(record["prompt"])
+    answer_ids = tok.encode(record["answer"])
+    problem = None
+    if len(prompt_ids) > prompt_len:
+      problem = f"prompt has {len(prompt_ids)} tokens, more than prompt_len={prompt_len}"
+    elif len(answer_ids) + 1 > answer_len:
+      problem = f"answer has {len(answer_ids)} tokens; answer_len={answer_len} needs room for them"
+      problem += " plus one EOS"
+    if problem is None:
+      encoded.append((prompt_ids, answer_ids))
+    elif too_long == "error":
+      raise ValueError(f"Record {i}: {problem} (data.too_long='drop' leaves such records out)")
+    else:
+      dropped += 1
+  if dropped:
+    logging.warning(
+      "left out %d of %d records longer than prompt_len=%d + answer_len=%d",
+      dropped,
+      len(records),
+      prompt_len,
+      answer_len,
+    )
+  if not encoded:
+    raise ValueError(f"no record fits prompt_len={prompt_len} + answer_len={answer_len}")
+  num_rows, seq_len = len(encoded), prompt_len + answer_len
   tokens_NxT = np.full((num_rows, seq_len), tok.pad_id, dtype=np.int32)
   valid_NxT = np.ones((num_rows, seq_len), dtype=bool)
   completion_NxT = np.zeros((num_rows, seq_len), dtype=bool)
   completion_NxT[:, prompt_len:] = True
-  for i, record in enumerate(records):
-    prompt_ids = tok.encode(record["prompt"])
-    answer_ids = tok.encode(record["answer"])
-    if len(prompt_ids) > prompt_len:
-      raise ValueError(
-        f"Record {i}: prompt has {len(prompt_ids)} tokens, more than prompt_len={prompt_len}"
-      )
-    if len(answer_ids) + 1 > answer_len:
-      raise ValueError(
-        f"Record {i}: answer has {len(answer_ids)} tokens; answer_len={answer_len} needs room for "
-        f"them plus one EOS"
-      )
+  for i, (prompt_ids, answer_ids) in enumerate(encoded):
     start = prompt_len - len(prompt_ids)
     valid_NxT[i, :start] = False
     tokens_NxT[i, start:prompt_len] = prompt_ids

@@ -38,6 +38,7 @@ class DataConfig:
   answer_len: int
   batch_size: int  # global, over all processes
   shuffle: bool
+  too_long: str  # "error" | "drop" (records longer than prompt_len + answer_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,9 @@ def run(
   model = model_lib.Transformer(model_cfg)
   records = training_records(cfg.data, cfg.seed, workdir)
   tokenizer = build_tokenizer(cfg, model_cfg, workdir, records)
-  arrays = data_lib.encode_sft(records, tokenizer, cfg.data.prompt_len, cfg.data.answer_len)
+  arrays = data_lib.encode_sft(
+    records, tokenizer, cfg.data.prompt_len, cfg.data.answer_len, cfg.data.too_long
+  )
   iterator = data_lib.make_train_iterator(
     arrays,
     cfg.data.batch_size // jax.process_count(),

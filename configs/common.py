@@ -95,6 +95,19 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.train.init_checkpoint = ""  # params-only start when the workdir has no checkpoint
   c.train.progress = True
 
+  # Low-rank adapters for post-training (trafl_jax/lora.py). rank 0: full post-training. With adapters
+  # only they (and TraFL's log Z head) are trained and checkpointed, and the reference is the same base
+  # with them off (no second copy; rl.reference_dtype does not apply).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 0.0  # the update is scaled by alpha / rank
+  c.lora.targets = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+  )  # any of q_proj k_proj v_proj attn_out ff_proj up_proj ff_out
+  c.lora.base_dtype = "bfloat16"  # the frozen base's parameters: float32 | bfloat16
+
   # Post-training (TraFL and the baselines) of a reference model.
   c.rl = ml_collections.ConfigDict()
   c.rl.reference = (

@@ -84,10 +84,11 @@ class Checkpointer:
   def save(
     self, step: int, state, iterator, config: Mapping[str, Any], force: bool = False
   ) -> None:
-    """`state` has `params` and `checkpoint_tree()` (everything else that resumes); `iterator` is a
-    grain iterator or None (a run whose data position is a function of the step)."""
+    """`state` has `checkpoint_params()` (the parameters a run trains) and `checkpoint_tree()`
+    (everything else that resumes); `iterator` is a grain iterator or None (a run whose data position
+    is a function of the step)."""
     items = dict(
-      params=ocp.args.StandardSave(state.params),
+      params=ocp.args.StandardSave(state.checkpoint_params()),
       train_state=ocp.args.StandardSave(state.checkpoint_tree()),
       config=ocp.args.JsonSave(dict(config)),
     )
@@ -106,7 +107,8 @@ class Checkpointer:
     return restored["config"]
 
   def restore(self, step: int, abstract_state, iterator, config: Mapping[str, Any]):
-    """Restores state and iterator at `step` into the shardings of `abstract_state`."""
+    """Restores state and iterator at `step` into the shardings of `abstract_state`. Parameters a
+    checkpoint does not hold (a lora run's frozen base) stay as `abstract_state` has them."""
     where = os.path.join(self.directory, str(step))
     try:
       saved = self.saved_config(step)
@@ -117,9 +119,10 @@ class Checkpointer:
       params_metadata = self.manager.item_metadata(step)["params"]
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupt or unreadable (params): {e}") from e
-    check_shapes(getattr(params_metadata, "tree", params_metadata), abstract_state.params, where)
+    abstract_params = abstract_state.checkpoint_params()
+    check_shapes(getattr(params_metadata, "tree", params_metadata), abstract_params, where)
     items = dict(
-      params=ocp.args.StandardRestore(abstract_state.params),
+      params=ocp.args.StandardRestore(abstract_params),
       train_state=ocp.args.StandardRestore(abstract_state.checkpoint_tree()),
     )
     if iterator is not None:

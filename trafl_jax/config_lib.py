@@ -19,12 +19,12 @@ from typing import Any
 
 import ml_collections
 
-from trafl_jax import evaluate, objectives, posttrain, sampler, sharding, train
+from trafl_jax import evaluate, lora, objectives, posttrain, sampler, sharding, train
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
 SECTIONS = ("seed", "stages", "model", "mesh", "rules", "data", "tokenizer", "optim", "train")
-SECTIONS += ("rl", "eval")
+SECTIONS += ("lora", "rl", "eval")
 
 # config.rl, split by who reads it (the rest of its keys are PostTrainConfig's own fields).
 _RL_SAMPLER = {
@@ -56,7 +56,7 @@ def check_keys(section: str, keys: Iterable[str], known: Iterable[str]) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The whole config: no unknown section and no unknown key in any section."""
   check_keys("<top level>", config.keys(), SECTIONS)
-  for convert in (model_settings, layout, train_config, posttrain_config, eval_config):
+  for convert in (model_settings, layout, train_config, lora_config, posttrain_config, eval_config):
     convert(config)
 
 
@@ -160,6 +160,13 @@ def _countdown(config: ml_collections.ConfigDict) -> dict[str, Any]:
   )
 
 
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+  """`config.lora`: post-training's low-rank adapters (rank 0: full post-training)."""
+  d = config.lora.to_dict()
+  check_keys("lora", d, _names(lora.LoraConfig))
+  return lora.LoraConfig(**d)
+
+
 def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainConfig:
   r = config.rl
   own = _names(posttrain.PostTrainConfig) - {
@@ -170,6 +177,7 @@ def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainCo
     "test_problems",
     "seed",
     "progress",
+    "lora",
   }
   known = (
     own | (_names(objectives.ObjectiveConfig) - {"rollout"}) | set(_RL_SAMPLER) | set(_RL_OPTIM)
@@ -194,6 +202,7 @@ def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainCo
     test_problems=test_problems,
     seed=config.seed,
     progress=config.train.progress,
+    lora=lora_config(config),
     **{k: r[k] for k in own},
   )
 

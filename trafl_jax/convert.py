@@ -99,7 +99,12 @@ def write_hf(
     json.dump(config, f, indent=2)
 
 
-def _saved_run_config(path: str) -> dict:
+def is_model_dir(path: str) -> bool:
+  """A converted directory (ours) or a Hugging Face one: a whole model, not a run's checkpoint."""
+  return os.path.isfile(os.path.join(path, MODEL_CONFIG_JSON)) or hf_format.is_hf_dir(path)
+
+
+def saved_run_config(path: str) -> dict:
   """The run config (JSON) saved with one of our training checkpoints (step dir or workdir)."""
   step_dir = os.path.dirname(checkpoint.resolve_params_dir(path))
   meta = os.path.join(step_dir, "config", "metadata")
@@ -118,7 +123,7 @@ def model_config_from_dir(path: str, **overrides) -> model_lib.ModelConfig:
   elif hf_format.is_hf_dir(path):  # a stage's own config.json is not a Hugging Face one
     return hf_format.model_config_from_hf(path, **overrides)
   else:
-    fields = {k: v for k, v in _saved_run_config(path).get("model", {}).items() if k != "preset"}
+    fields = {k: v for k, v in saved_run_config(path).get("model", {}).items() if k != "preset"}
   known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
   if set(fields) - known:
     raise ValueError(f"model config in {path} has unknown fields {sorted(set(fields) - known)}")
@@ -157,7 +162,7 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_bytes=DE
   cfg = model_config_from_dir(src)
   side_dir = src
   if not os.path.isfile(os.path.join(src, MODEL_CONFIG_JSON)):
-    tokenizer = _saved_run_config(src).get("tokenizer", {})
+    tokenizer = saved_run_config(src).get("tokenizer", {})
     path = tokenizer.get("path") or ""
     side_dir = (path if os.path.isdir(path) else os.path.dirname(path)) if path else None
     if tokenizer.get("kind") != "hf" or not side_dir:

@@ -58,7 +58,10 @@ def with_model(run_config: Mapping[str, Any], model_cfg) -> dict:
   """The run config with the model a stage actually built: the checkpoint's shape merged with the
   config's compute settings (the config's `preset` name kept)."""
   model = dict(run_config.get("model", {}))
-  model.update(dataclasses.asdict(model_cfg))
+  fields = dataclasses.asdict(model_cfg)
+  if not model_cfg.lora_rank:  # a model without adapters records none (as before they existed)
+    fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
+  model.update({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()})  # as JSON
   return {**run_config, "model": model}
 
 
@@ -78,7 +81,14 @@ class Loop:
     if latest is None:
       return state, iterator
     logging.info("resuming %s from %s/%d", self.cfg.stage, self.checkpointer.directory, latest)
-    return self.checkpointer.restore(latest, sharding.abstract(state), iterator, self.run_config)
+    restored, iterator = self.checkpointer.restore(
+      latest, sharding.abstract(state), iterator, self.run_config
+    )
+    # What the checkpoint does not hold (a lora run's frozen base) is the given state's.
+    restored = jax.tree.map(
+      lambda r, s: s if isinstance(r, jax.ShapeDtypeStruct) else r, restored, state
+    )
+    return restored, iterator
 
   def run(
     self,

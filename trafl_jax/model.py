@@ -22,6 +22,8 @@ from flax import linen as nn
 Dtype = Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# The projections of a layer, by LLaDA's names (what low-rank adapters can target).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +43,18 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = True
+  # Low-rank adapters (lora.py): rank 0 is none. Set by post-training, never by a checkpoint's shape.
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
+    unknown = sorted(set(self.lora_targets) - set(PROJECTIONS))
+    if unknown:
+      raise ValueError(f"lora targets {unknown} are not projections of the model {PROJECTIONS}")
+    if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"lora rank {self.lora_rank} needs rank >= 0 and, above 0, some targets")
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
     if self.n_heads % self.n_kv_heads:
@@ -206,21 +218,62 @@ class ModelSettings:
     return dataclasses.replace(stored, **self.compute())
 
 
+class Dense(nn.Module):
+  """A bias-free projection `x @ W` (`kernel`, [I, O]) on rows flattened to 2-D: `[B*T, I] @ [I, O]`
+  keeps the weight-gradient contraction a single plain matmul (contracting over two dims ran at half
+  speed on CPU).
+
+  With `adapt` (a layer projection the config's `lora_targets` names) the output gains the low-rank
+  update `(alpha / r) (x @ A) @ B` (`lora_a` [I, r], `lora_b` [r, O], float32, B zero at init), when the
+  adapters are in the parameters: applied to a tree without them the module is the base projection (the
+  reference is the base with adapters off, from the same arrays)."""
+
+  features: int
+  axes: tuple[str, str]
+  cfg: ModelConfig
+  adapt: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxI: jax.Array) -> jax.Array:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    leading, width = x_BxTxI.shape[:-1], x_BxTxI.shape[-1]
+    kernel_IxO = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+      (width, self.features),
+      jnp.dtype(cfg.param_dtype),
+    )
+    x_NxI = x_BxTxI.reshape(-1, width).astype(dtype)
+    y_NxO = jnp.dot(x_NxI, kernel_IxO.astype(dtype))
+    if self.adapt and (self.is_initializing() or self.has_variable("params", "lora_a")):
+      r = cfg.lora_rank
+      # PEFT's init: A ~ U(-1/sqrt(I), 1/sqrt(I)) (kaiming-uniform with a = sqrt 5), B = 0.
+      a_init = nn.initializers.uniform(2.0 / width**0.5)
+      a_IxR = self.param(
+        "lora_a",
+        nn.with_logical_partitioning(
+          lambda *a: a_init(*a) - 1.0 / width**0.5, (self.axes[0], "lora")
+        ),
+        (width, r),
+        jnp.float32,
+      )
+      b_RxO = self.param(
+        "lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora", self.axes[1])),
+        (r, self.features),
+        jnp.float32,
+      )
+      low_NxR = jnp.dot(x_NxI, a_IxR.astype(dtype))
+      y_NxO = y_NxO + (cfg.lora_alpha / r) * jnp.dot(low_NxR, b_RxO.astype(dtype))
+    return y_NxO.reshape(*leading, self.features)
+
+
 def _dense(
   x_BxTxI: jax.Array, features: int, axes: tuple[str, str], cfg: ModelConfig, name: str
 ) -> jax.Array:
-  """A bias-free projection on rows flattened to 2-D: `[B*T, I] @ [I, O]` keeps the weight-gradient
-  contraction a single plain matmul (contracting over two dims ran at half speed on CPU)."""
-  dense = nn.Dense(
-    features,
-    use_bias=False,
-    dtype=jnp.dtype(cfg.dtype),
-    param_dtype=jnp.dtype(cfg.param_dtype),
-    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-    name=name,
-  )
-  leading = x_BxTxI.shape[:-1]
-  return dense(x_BxTxI.reshape(-1, x_BxTxI.shape[-1])).reshape(*leading, features)
+  """A layer's projection `name` (adapted when the config targets it)."""
+  adapt = cfg.lora_rank > 0 and name in cfg.lora_targets
+  return Dense(features, axes, cfg, adapt, name=name)(x_BxTxI)
 
 
 class RMSNorm(nn.Module):
@@ -393,7 +446,8 @@ class Transformer(nn.Module):
     hidden_BxSxD = RMSNorm(cfg, name="ln_f")(x_BxSxD)
     if logits_from:
       hidden_BxSxD = hidden_BxSxD[:, logits_from:]
-    logits_BxSxV = _dense(hidden_BxSxD, cfg.vocab_size, ("embed", "vocab"), cfg, "ff_out")
+    # The output head (LLaDA names it ff_out too) is never adapted.
+    logits_BxSxV = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="ff_out")(hidden_BxSxD)
     logits_BxSxV = nn.with_logical_constraint(
       logits_BxSxV.astype(jnp.float32), ("batch", "length", "vocab")
     )

@@ -25,7 +25,9 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
+from trafl_jax import checkpoint as ckpt_lib
 from trafl_jax import diagnostics, loop, objectives, rl, sample, sampler, sharding
+from trafl_jax import lora as lora_lib
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
@@ -65,7 +67,7 @@ class PostTrainConfig:
   seed: int
   progress: bool
   log_z_lr: float
-  reference_dtype: str  # "bfloat16" halves the frozen copy's memory
+  reference_dtype: str  # "bfloat16" halves the frozen copy's memory (not with lora: one base)
   num_inner_updates: int
   prompts_per_step: int
   group_size: int
@@ -79,6 +81,7 @@ class PostTrainConfig:
   sample_every: int  # 0: only the first step's samples
   eval_every: int  # 0: no in-loop greedy evaluation
   diag_noise_every: int  # diag/mask_noise from a second mask draw every this many steps; 0: never
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: full post-training
 
   def __post_init__(self):
     if not 0 <= self.reference_rollouts <= self.group_size:
@@ -156,6 +159,7 @@ def assemble_rollout(
 
 class Steps(NamedTuple):
   generate: Any  # sampler.make_generate_fn at the rollout settings
+  generate_ref: Any  # the same for the reference's parameters (rl.reference_rollouts)
   greedy: Any  # the same at temperature 0 (the in-loop evaluation)
   prepare: Any
   update: Any
@@ -164,13 +168,17 @@ class Steps(NamedTuple):
 
 
 def jit_steps(model, pcfg: PostTrainConfig, mesh, rules, shardings, ref_shardings) -> Steps:
-  """Every jitted function of the loop, with the run's model settings, mesh and rules."""
+  """Every jitted function of the loop, with the run's model settings, mesh and rules.
+  `ref_shardings` None: the reference is the policy's base (lora)."""
   prepare, update, bias = rl.jit_steps(
     model, pcfg.ocfg, pcfg.num_inner_updates, pcfg.group_size, shardings, ref_shardings, mesh, rules
   )
   greedy_cfg = dataclasses.replace(pcfg.scfg, temperature=0.0)
+  if ref_shardings is None:
+    ref_shardings = lora_lib.base_of(shardings.params)
   return Steps(
     sampler.make_generate_fn(model, pcfg.scfg, mesh, rules, shardings.params),
+    sampler.make_generate_fn(model, pcfg.scfg, mesh, rules, ref_shardings),
     sampler.make_generate_fn(model, greedy_cfg, mesh, rules, shardings.params),
     prepare,
     update,
@@ -286,16 +294,27 @@ class Rollouts(NamedTuple):
   nfe_per_token: float  # model evaluations per generated token, this process's rows
 
 
-def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings):
+def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings, model):
   """`(state, ref_params)`: the policy starts as a float32 copy of the reference, which may be held in
-  bfloat16. The casts run under jit so both are fresh buffers (the policy's are donated)."""
+  bfloat16. The casts run under jit so both are fresh buffers (the policy's are donated). With lora the
+  policy is the reference's parameters in `lora.base_dtype` plus fresh adapters (`model` has them), and
+  `ref_params` is None: the reference is that base with the adapters off."""
 
   def cast(dtype):
     return jax.jit(
       lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=ref.param_shardings
     )(ref.params)
 
-  params, ref_params = cast(jnp.float32), cast(jnp.dtype(pcfg.reference_dtype))
+  if pcfg.lora.enabled:
+    abstract = nn.unbox(state_lib.abstract_params(model))
+    adapters = jax.jit(
+      lambda key: lora_lib.init_adapters(abstract, key),
+      out_shardings=lora_lib.adapters_of(shardings.params),
+    )(jax.random.PRNGKey(pcfg.seed + 3))
+    params = lora_lib.combine(cast(jnp.dtype(pcfg.lora.base_dtype)), adapters)
+    ref_params = None
+  else:
+    params, ref_params = cast(jnp.float32), cast(jnp.dtype(pcfg.reference_dtype))
   create = functools.partial(
     rl.create_state,
     tx=tx,
@@ -353,12 +372,14 @@ class PostTraining:
     g, k = self.pcfg.group_size, self.pcfg.reference_rollouts
     mesh, rules = self.ref.mesh, self.ref.rules
     parts = []
-    for source, members, salt in ((self.ref_params, k, 1), (params, g - k, 0)):
+    reference = lora_lib.base_of(params) if self.ref_params is None else self.ref_params
+    sources = ((self.steps.generate_ref, reference, k, 1), (self.steps.generate, params, g - k, 0))
+    for generate, source, members, salt in sources:
       if not members:
         continue
       prompts = (np.repeat(prompt_BxP, members, 0), np.repeat(valid_BxP, members, 0))
       # Salt 0 keeps the on-policy stream of reference_rollouts = 0 as it was.
-      out = self.steps.generate(
+      out = generate(
         source,
         *sharding.global_batch(prompts, mesh, rules),
         jax.random.fold_in(key, salt) if salt else key,
@@ -448,16 +469,21 @@ def run(
   os.makedirs(workdir, exist_ok=True)
   ref = sample.Generator.load(reference, settings=settings, layout=layout)
   mesh, rules = ref.mesh, ref.rules
-  run_config = loop.with_model(run_config, ref.cfg)
+  model = model_lib.Transformer(pcfg.lora.adapt(ref.cfg))  # the policy's (with its adapters)
+  run_config = loop.with_model(run_config, model.cfg)
+  if pcfg.lora.enabled:  # adapters are only valid on their base: its path and fingerprint
+    fingerprint = lora_lib.fingerprint(ref.params)
+    run_config["lora_base"] = {"path": reference, "fingerprint": fingerprint.tolist()}
   loop.write_config(workdir, run_config)
   if jax.process_index() == 0:
     _copy_tokenizer(ref.tokenizer_file, workdir)
   check_rows(pcfg, mesh)
   tx = state_lib.make_optimizer(pcfg.optim)
-  _, shardings = rl.state_shardings(ref.model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
-  steps = jit_steps(ref.model, pcfg, mesh, rules, shardings, ref.param_shardings)
+  _, shardings = rl.state_shardings(model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
+  ref_shardings = None if pcfg.lora.enabled else ref.param_shardings
+  steps = jit_steps(model, pcfg, mesh, rules, shardings, ref_shardings)
   body = PostTraining(pcfg, ref, workdir, steps)
-  state, body.ref_params = initial_state(ref, pcfg, tx, shardings)
+  state, body.ref_params = initial_state(ref, pcfg, tx, shardings, model)
   scaffold = loop.Loop(
     workdir,
     loop.LoopConfig(
@@ -472,10 +498,28 @@ def run(
     ),
     run_config,
   )
+  if pcfg.lora.enabled:
+    _check_same_base(scaffold.checkpointer, run_config["lora_base"])
   state, _ = scaffold.restore(state)
   body.scaffold = scaffold
   _, last = scaffold.run(state, body.step, lambda step, host: host, max_steps)
   return last
+
+
+def _check_same_base(checkpointer, base: dict) -> None:
+  """A lora run resumes only on the base its adapters were trained on."""
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return
+  saved = checkpointer.saved_config(latest).get("lora_base")
+  if saved is None or not lora_lib.same_base(saved["fingerprint"], base["fingerprint"]):
+    where = os.path.join(checkpointer.directory, str(latest))
+    was = "no base recorded" if saved is None else f"base {saved['path']}"
+    raise ckpt_lib.CheckpointError(
+      f"checkpoint {where} holds adapters trained on {was}; this run's base {base['path']} has "
+      "different parameters (fingerprints differ): resume with the same rl.reference, or use a new "
+      "--workdir"
+    )
 
 
 def _write_memory(workdir: str, memory: dict) -> None:

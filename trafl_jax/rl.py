@@ -26,14 +26,17 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trafl_jax import diagnostics, diffusion, objectives, sharding
+from trafl_jax import diagnostics, diffusion, lora, objectives, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
 
 class RLState(struct.PyTreeNode):
+  """With adapters in `params` (lora.py) only they are trained: `opt_state` is theirs, checkpoints hold
+  them (not the base), and the reference is `params` without them."""
+
   step: jax.Array
-  params: Any  # the policy
+  params: Any  # the policy (the frozen base and its adapters, with lora)
   log_z: Any  # parameters of the log Z head (own optimizer; never exported with the model)
   opt_state: Any
   log_z_opt_state: Any
@@ -50,8 +53,13 @@ class RLState(struct.PyTreeNode):
       "rng": self.rng,
     }
 
+  def checkpoint_params(self):
+    """What a checkpoint saves of `params`: the trainable part (the adapters alone, with lora)."""
+    return lora.split_trainable(self.params)[0]
+
   def from_checkpoint_tree(self, params, tree) -> RLState:
-    return self.replace(params=params, **tree)
+    _, frozen = lora.split_trainable(self.params)
+    return self.replace(params=lora.combine(frozen, params), **tree)
 
 
 @functools.cache  # one object per rate: states built separately have equal static fields
@@ -75,7 +83,7 @@ def create_state(
     step=jnp.zeros((), jnp.int32),
     params=params,
     log_z=log_z,
-    opt_state=tx.init(params),
+    opt_state=tx.init(lora.split_trainable(params)[0]),
     log_z_opt_state=log_z_tx.init(log_z),
     rng=jax.random.PRNGKey(seed),
     tx=tx,
@@ -247,8 +255,9 @@ def prepare(
   """Draws the masks of every inner update and scores the batch under the old policy and the reference
   with them (no gradients), one inner update at a time and micro-batch by micro-batch when
   `ocfg.micro_batches > 1` (the masks are drawn for the whole batch first, so they do not depend on
-  it)."""
+  it). `ref_params` None: the reference is the policy's base, adapters off (lora)."""
   check_micro_batches(rollout.tokens_NxT.shape[0], ocfg.micro_batches)
+  reference = lora.base_of(state.params) if ref_params is None else ref_params
   scored_NxT = rollout.completion_NxT
   if not ocfg.score_eos_fill:  # the answer up to its first EOS; the fill after it stays visible
     scored_NxT = diffusion.scored_positions(scored_NxT, rollout.tokens_NxT, model.cfg.eos_token_id)
@@ -277,7 +286,7 @@ def prepare(
       tokens_per_row_N=None,
     )
     old = _likelihoods(model, state.params, rows, ocfg)
-    ref = _likelihoods(model, ref_params, rows, ocfg)
+    ref = _likelihoods(model, reference, rows, ocfg)
     return objectives.Prepared(
       masks_IxKxNxT=masks,
       inputs_IxNxT=inputs,
@@ -297,26 +306,28 @@ def prepare(
 
 
 def _constrain_like_params(model, tree):
-  """Pins a params-shaped tree (the gradient accumulator) to the parameters' logical shardings, so a
-  scan carry cannot end up replicated; a no-op outside a mesh and rules context."""
+  """Pins a tree shaped like the trainable parameters (the gradient accumulator) to their logical
+  shardings, so a scan carry cannot end up replicated; a no-op outside a mesh and rules context."""
   specs = nn.get_partition_spec(state_lib.abstract_params(model))
+  if lora.has_adapters(tree):
+    specs = lora.adapters_of(specs)
   return jax.tree.map(nn.with_logical_constraint, tree, specs)
 
 
-def _accumulated(micro_step, state: RLState, rows: objectives.Rows, m: int, model):
+def _accumulated(micro_step, trainable, log_z, rows: objectives.Rows, m: int, model):
   """`(terms, (grads, log_z_grads))` of the whole batch: one `micro_step` when `m` is 1, else the mean
   of its gradients over `m` micro-batches (a `lax.scan`; one micro-batch's activations alive at a
   time), the terms merged back into row order."""
   if m == 1:
-    (_, terms), grads = micro_step(state.params, state.log_z, rows)
+    (_, terms), grads = micro_step(trainable, log_z, rows)
     return terms, grads
 
   def accumulate(carry, mb):
-    (_, terms), step_grads = micro_step(state.params, state.log_z, mb)
+    (_, terms), step_grads = micro_step(trainable, log_z, mb)
     carry = jax.tree.map(lambda acc, x: acc + x / m, carry, step_grads)
     return (_constrain_like_params(model, carry[0]), carry[1]), terms
 
-  zeros = jax.tree.map(jnp.zeros_like, (state.params, state.log_z))
+  zeros = jax.tree.map(jnp.zeros_like, (trainable, log_z))
   zeros = (_constrain_like_params(model, zeros[0]), zeros[1])
   grads, terms = jax.lax.scan(accumulate, zeros, split_micro_batches(rows, m))
   return merge_micro_batches(terms), grads
@@ -342,9 +353,12 @@ def update(
   rows = objectives.Rows.of(rollout, prepared, i)
   head = objectives.LogZHead(width=model.cfg.d_model)
   score = objectives.estimator_of(ocfg).score
+  # Gradients and optimizer steps for the trainable part only (with lora: the adapters, not the base).
+  trainable, frozen = lora.split_trainable(state.params)
 
-  def micro_step(params, log_z_params, mb: objectives.Rows):
-    """`((loss, terms), grads)` of one micro-batch (or the whole batch)."""
+  def micro_step(trainable, log_z_params, mb: objectives.Rows):
+    """`((loss, terms), grads)` of one micro-batch (or the whole batch), w.r.t. `trainable`."""
+    params = lora.combine(frozen, trainable)
     hidden_BxTxD = None
     if objectives.learned_log_z(ocfg):
       # log Z(x) reads the prompt only: a pass with the completion fully masked, one row per prompt.
@@ -354,8 +368,8 @@ def update(
       )
       hidden_BxTxD = jax.lax.stop_gradient(hidden)
 
-    def loss_fn(params, log_z_params):
-      likelihood = score(model, params, mb, ocfg)
+    def loss_fn(trainable, log_z_params):
+      likelihood = score(model, lora.combine(frozen, trainable), mb, ocfg)
       log_z_B = jnp.zeros((0,))
       if objectives.learned_log_z(ocfg):
         log_z_B = head.apply({"params": log_z_params}, hidden_BxTxD, mb.prompt_NxT[::g])
@@ -367,16 +381,16 @@ def update(
       )
       return objectives.objective_loss(ocfg, terms, mb, g)[0], terms
 
-    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, log_z_params)
+    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(trainable, log_z_params)
 
-  terms, (grads, log_z_grads) = _accumulated(micro_step, state, rows, m, model)
+  terms, (grads, log_z_grads) = _accumulated(micro_step, trainable, state.log_z, rows, m, model)
   # The batch's loss and metrics from every row's terms at once (std, min and max are not means).
   terms = jax.lax.stop_gradient(terms)
   loss, metrics = objectives.objective_loss(ocfg, terms, rows, g)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
   log_z_updates, log_z_opt_state = state.log_z_tx.update(log_z_grads, state.log_z_opt_state)
   state = state.replace(
-    params=optax.apply_updates(state.params, updates),
+    params=lora.combine(frozen, optax.apply_updates(trainable, updates)),
     opt_state=opt_state,
     log_z=optax.apply_updates(state.log_z, log_z_updates),
     log_z_opt_state=log_z_opt_state,

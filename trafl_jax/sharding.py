@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
   ("head_dim", None),
   ("mlp", "tensor"),
   ("layers", None),
+  ("lora", None),  # the rank of low-rank adapters
 )
 
 

@@ -26,6 +26,9 @@ class TrainState(struct.PyTreeNode):
     """What a checkpoint stores besides the parameters."""
     return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
 
+  def checkpoint_params(self):
+    return self.params
+
   def from_checkpoint_tree(self, params, tree) -> TrainState:
     return self.replace(
       params=params, step=tree["step"], opt_state=tree["opt_state"], rng=tree["rng"]

@@ -1,0 +1,166 @@
+"""Low-rank adapters: the model with and without them, post-training that trains only them (every
+objective), their checkpoints, exact resume, and the base they belong to."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+from configs import math as math_config
+from trafl_jax import checkpoint as ckpt_lib
+from trafl_jax import config_lib, lora, metrics, objectives, pipeline, sample
+from trafl_jax import model as model_lib
+
+LORA = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "ff_out"))
+
+
+def _config(seed=0, lora_settings=LORA, **rl):
+  config = math_config.get_config("tiny")
+  with config.unlocked():
+    config.seed = seed
+    config.train.progress = False
+    for key, value in lora_settings.items():
+      config.lora[key] = value
+    for key, value in rl.items():
+      config.rl[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("lora") / "reference")
+  pipeline.reference_stage(_config(), path)
+  return path
+
+
+def _tiny_params(cfg, rng=0):
+  tokens = jnp.ones((2, 8), jnp.int32)
+  model = model_lib.Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(rng), tokens, tokens > 0)["params"])
+  return model, params
+
+
+def _leaf_names(tree) -> set:
+  return {path[-1] for path in traverse_util.flatten_dict(tree)}
+
+
+def test_zero_adapters_are_the_base_and_merging_is_exact():
+  base_cfg = model_lib.ModelConfig(**model_lib.PRESETS["tiny"])
+  cfg = lora.LoraConfig(**LORA).adapt(base_cfg)
+  model, params = _tiny_params(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 5, base_cfg.vocab_size)
+  valid = jnp.ones_like(tokens, bool).at[0, :3].set(False)
+  assert _leaf_names(lora.adapters_of(params)) == {"lora_a", "lora_b"}
+  base = lora.base_of(params)
+  reference = model_lib.Transformer(base_cfg).apply({"params": base}, tokens, valid)
+  # B starts at zero: the adapted policy is the reference exactly; the same model without the
+  # adapters in its tree is the reference too (adapters off).
+  np.testing.assert_array_equal(model.apply({"params": params}, tokens, valid), reference)
+  np.testing.assert_array_equal(model.apply({"params": base}, tokens, valid), reference)
+  moved = jax.tree_util.tree_map_with_path(
+    lambda p, x: x + 0.05 if p[-1].key == "lora_b" else x, params
+  )
+  adapted = model.apply({"params": moved}, tokens, valid)
+  assert float(jnp.abs(adapted - reference).max()) > 1e-2
+  merged = lora.merged(moved, cfg)
+  assert _leaf_names(merged) == _leaf_names(base)
+  np.testing.assert_allclose(
+    model_lib.Transformer(base_cfg).apply({"params": merged}, tokens, valid), adapted, atol=2e-5
+  )
+  # Only the targeted projections changed when merged; the head (also named ff_out) is never adapted.
+  flat_base, flat_merged = traverse_util.flatten_dict(base), traverse_util.flatten_dict(merged)
+  changed = {p for p in flat_base if not np.array_equal(flat_base[p], flat_merged[p])}
+  assert {p[-2] for p in changed} == set(LORA["targets"])
+  assert ("ff_out", "kernel") not in changed
+
+
+@pytest.mark.parametrize(
+  "settings,match",
+  [
+    (dict(rank=-1), "must be >= 0"),
+    (dict(rank=4, alpha=0.0), "alpha"),
+    (dict(rank=4, alpha=8.0, targets=("q_proj", "wq")), "lora.targets"),
+    (dict(rank=4, alpha=8.0, base_dtype="int3"), "base_dtype"),
+  ],
+)
+def test_bad_lora_settings_are_named(settings, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.check_config(_config(lora_settings=settings))
+
+
+def test_unknown_lora_key_is_named():
+  config = _config()
+  with config.unlocked():
+    config.lora.dropout = 0.05
+  with pytest.raises(ValueError, match="config.lora has keys nothing reads: dropout"):
+    config_lib.check_config(config)
+
+
+def _item_tree(workdir: str, step: int, item: str):
+  path = os.path.join(workdir, "checkpoints", str(step), item)
+  return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+
+
+@pytest.mark.parametrize("objective", objectives.OBJECTIVES)
+def test_only_the_adapters_train(reference, tmp_path, objective):
+  workdir = str(tmp_path / objective)
+  lr = {"lr": 3e-2} if objective == "wd1" else {}  # wd1 steps only on rewarded rows
+  config = _config(objective=objective, num_steps=2, eval_every=0, **lr)
+  last = pipeline.posttrain_stage(config, workdir, reference)
+  assert np.isfinite(last["rl/loss"])
+  # The checkpoint holds the adapters (and the optimizer state of nothing else), never the base.
+  assert _leaf_names(_item_tree(workdir, 2, "params")) == {"lora_a", "lora_b"}
+  opt_state = _item_tree(workdir, 2, "train_state")["opt_state"]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_leaves_with_path(
+      opt_state, is_leaf=lambda x: hasattr(x, "shape")
+    )
+  ]
+  moments = [p for p in paths if "['blocks']" in p or "['wte']" in p or "['ln_f']" in p]
+  assert moments and all("['lora_a']" in p or "['lora_b']" in p for p in moments)
+  # The run loads as base + adapters; its base is the reference's parameters (in lora.base_dtype).
+  policy = sample.Generator.load(workdir)
+  ref = sample.Generator.load(reference)
+  assert policy.cfg.lora_rank == LORA["rank"]
+  flat_ref = traverse_util.flatten_dict(ref.params)
+  flat_base = traverse_util.flatten_dict(lora.base_of(policy.params))
+  assert flat_ref.keys() == flat_base.keys()
+  for path, x in flat_ref.items():
+    np.testing.assert_array_equal(np.asarray(x.astype(jnp.bfloat16)), np.asarray(flat_base[path]))
+  adapters = traverse_util.flatten_dict(lora.adapters_of(policy.params))
+  b_moved = any(float(jnp.abs(x).max()) > 0 for p, x in adapters.items() if p[-1] == "lora_b")
+  assert b_moved or (objective == "wd1" and last["rl/grad_norm"] == 0)
+
+
+def test_resume_is_exact_and_refuses_another_base(reference, tmp_path):
+  config = _config(num_steps=4, ckpt_every=1, eval_every=0, sample_every=0)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  pipeline.posttrain_stage(config, straight, reference)
+  pipeline.posttrain_stage(config, resumed, reference, max_steps=2)
+  pipeline.posttrain_stage(config, resumed, reference)
+  a, b = metrics.read_metrics(straight), metrics.read_metrics(resumed)
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for key in ("rl/loss", "rl/reward_mean", "rl/kl_estimate", "trafl/log_z_mean"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
+  pa = ocp.StandardCheckpointer().restore(os.path.join(straight, "checkpoints", "4", "params"))
+  pb = ocp.StandardCheckpointer().restore(os.path.join(resumed, "checkpoints", "4", "params"))
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  # Another base (a reference trained with another seed): the adapters do not belong to it.
+  other = str(tmp_path / "other_reference")
+  pipeline.reference_stage(_config(seed=1), other)
+  with pytest.raises(ckpt_lib.CheckpointError, match="adapters trained on base .*reference.*other"):
+    pipeline.posttrain_stage(_config(num_steps=6), resumed, other)
+
+
+def test_rank_zero_records_no_adapters(reference, tmp_path):
+  workdir = str(tmp_path / "full")
+  pipeline.posttrain_stage(_config(lora_settings={"rank": 0}, num_steps=1), workdir, reference)
+  saved = ckpt_lib.Checkpointer(workdir, 1).saved_config(1)
+  assert not any(k.startswith("lora_") for k in saved["model"]) and "lora_base" not in saved
+  assert "wte" in _item_tree(workdir, 1, "params")

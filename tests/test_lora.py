@@ -1,7 +1,11 @@
 """Low-rank adapters: the model with and without them, post-training that trains only them (every
 objective), their checkpoints, exact resume, and the base they belong to."""
 
+import glob
+import json
 import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 from flax import traverse_util
+from safetensors import numpy as st_numpy
 
 from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import config_lib, lora, metrics, objectives, pipeline, sample
+from trafl_jax import config_lib, convert, hf_format, lora, metrics, objectives, pipeline, sample
 from trafl_jax import model as model_lib
 
 LORA = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "ff_out"))
@@ -164,3 +169,68 @@ def test_rank_zero_records_no_adapters(reference, tmp_path):
   saved = ckpt_lib.Checkpointer(workdir, 1).saved_config(1)
   assert not any(k.startswith("lora_") for k in saved["model"]) and "lora_base" not in saved
   assert "wte" in _item_tree(workdir, 1, "params")
+
+
+@pytest.fixture(scope="module")
+def lora_run(reference, tmp_path_factory):
+  """A trafl run with float32 base (so a NumPy merge can be compared tightly), adapters moved."""
+  workdir = str(tmp_path_factory.mktemp("lora_run") / "run")
+  settings = {**LORA, "base_dtype": "float32"}
+  config = _config(lora_settings=settings, num_steps=2, eval_every=0, lr=3e-2)
+  pipeline.posttrain_stage(config, workdir, reference)
+  return workdir
+
+
+def test_exports_are_the_same_model(reference, lora_run, tmp_path):
+  merged_dir, peft_dir, base_dir = (str(tmp_path / d) for d in ("merged", "peft", "base"))
+  convert.orbax_to_hf(lora_run, merged_dir, merge_lora=True)
+  convert.orbax_to_peft(lora_run, peft_dir)
+  convert.orbax_to_hf(reference, base_dir)
+  merged, base = hf_format.read_safetensors(merged_dir), hf_format.read_safetensors(base_dir)
+  peft = st_numpy.load_file(os.path.join(peft_dir, hf_format.PEFT_WEIGHTS))
+  with open(os.path.join(peft_dir, hf_format.PEFT_CONFIG)) as f:
+    peft_config = json.load(f)
+  assert peft_config["r"] == LORA["rank"] and peft_config["lora_alpha"] == LORA["alpha"]
+  assert peft_config["base_model_name_or_path"] == reference
+  adapted = {k.removeprefix(hf_format.PEFT_PREFIX).removesuffix(".lora_A.weight") for k in peft}
+  adapted = {k for k in adapted if not k.endswith(".weight")}
+  assert adapted and all(re.fullmatch(peft_config["target_modules"], m) for m in adapted)
+  assert not re.fullmatch(peft_config["target_modules"], hf_format.PREFIX + "ff_out")  # the head
+  assert base.keys() == merged.keys()
+  scale = LORA["alpha"] / LORA["rank"]
+  for name, w in base.items():
+    module = name.removesuffix(".weight")
+    expected = w
+    if module in adapted:  # PEFT's merge, by hand: W + (alpha / r) B A
+      a = peft[f"{hf_format.PEFT_PREFIX}{module}.lora_A.weight"]
+      b = peft[f"{hf_format.PEFT_PREFIX}{module}.lora_B.weight"]
+      assert a.shape == (LORA["rank"], w.shape[1]) and b.shape == (w.shape[0], LORA["rank"])
+      expected = w + scale * (b @ a)
+      assert float(np.abs(scale * (b @ a)).max()) > 0
+    np.testing.assert_allclose(merged[name], expected, atol=1e-6, err_msg=name)
+  # The merged directory computes what the run's base + adapters compute.
+  tokens = np.random.default_rng(0).integers(5, 100, (2, 10)).astype(np.int32)
+  valid = np.ones_like(tokens, bool)
+  run, hf = sample.Generator.load(lora_run), sample.Generator.load(merged_dir)
+  np.testing.assert_allclose(
+    hf.model.apply({"params": hf.params}, tokens, valid),
+    run.model.apply({"params": run.params}, tokens, valid),
+    atol=1e-5,
+  )
+  with pytest.raises(ValueError, match="--merge_lora"):
+    convert.orbax_to_hf(lora_run, str(tmp_path / "unmerged"))
+  with pytest.raises(ValueError, match="not a lora run"):
+    convert.orbax_to_peft(reference, str(tmp_path / "no_adapters"))
+
+
+def test_a_missing_base_is_named(lora_run, tmp_path):
+  moved = str(tmp_path / "run")
+  shutil.copytree(lora_run, moved)
+  for meta in glob.glob(os.path.join(moved, "checkpoints", "*", "config", "metadata")):
+    with open(meta) as f:
+      saved = json.load(f)
+    saved["lora_base"]["path"] = str(tmp_path / "gone")
+    with open(meta, "w") as f:
+      json.dump(saved, f)
+  with pytest.raises(ValueError, match="holds adapters for the base .*gone, which does not exist"):
+    sample.Generator.load(moved)

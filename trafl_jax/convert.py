@@ -2,6 +2,8 @@
 
   python -m trafl_jax.convert --src=HF_DIR --dst=CKPT_DIR             # HF -> orbax params
   python -m trafl_jax.convert --src=CKPT_DIR --dst=HF_DIR --to=hf     # orbax -> HF
+  python -m trafl_jax.convert --src=LORA_RUN --dst=HF_DIR --to=hf --merge_lora  # adapters merged
+  python -m trafl_jax.convert --src=LORA_RUN --dst=PEFT_DIR --to=peft  # PEFT's adapter files
 
 The orbax side is what `init_checkpoint` reads: `<dst>/params`, plus `<dst>/model_config.json` (the
 ModelConfig fields, so the directory describes itself) and the tokenizer files. The format itself (tensor
@@ -22,7 +24,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from safetensors import numpy as st_numpy
 
-from trafl_jax import checkpoint, cli, hf_format
+from trafl_jax import checkpoint, cli, hf_format, lora
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
@@ -42,9 +44,9 @@ def _require_empty(path: str) -> None:
     raise ValueError(f"destination {path} exists and is not empty; refusing to overwrite it")
 
 
-def _copy_side_files(src_dir: str | None, dst_dir: str) -> list[str]:
+def _copy_side_files(src_dir: str | None, dst_dir: str, names=SIDE_FILES) -> list[str]:
   copied = []
-  for name in SIDE_FILES if src_dir else ():
+  for name in names if src_dir else ():
     if os.path.isfile(os.path.join(src_dir, name)):
       shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
       copied.append(name)
@@ -131,13 +133,43 @@ def model_config_from_dir(path: str, **overrides) -> model_lib.ModelConfig:
 
 
 def _restore(path: str, cfg: model_lib.ModelConfig):
-  """Our params checkpoint as host (CPU) arrays, checked against the model's shapes."""
+  """Our params checkpoint as host (CPU) arrays, checked against the model's shapes (a lora run's:
+  its base and adapters, `lora_run_params`)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
     nn.unbox(state_lib.abstract_params(model_lib.Transformer(cfg))),
   )
+  if cfg.lora_rank and not is_model_dir(path):
+    base_cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=())
+    return lora_run_params(path, abstract, lambda base: _restore(base, base_cfg))
   return checkpoint.restore_params(path, abstract)
+
+
+def lora_run_params(path: str, abstract, restore_base):
+  """A lora run's policy: its checkpoint holds the adapters (restored into `abstract`'s adapter
+  leaves); the base is the run's recorded `rl.reference` (`restore_base(path)`), checked against the
+  fingerprint the run recorded and cast to the run's `lora.base_dtype`."""
+  saved = saved_run_config(path)
+  base = saved.get("lora_base")
+  if not base:
+    raise ValueError(f"{path} holds adapters but its run config records no base (lora_base)")
+  if not os.path.exists(base["path"]):
+    raise ValueError(
+      f"{path} holds adapters for the base {base['path']}, which does not exist: put the base back "
+      "there (its fingerprint is checked)"
+    )
+  params = restore_base(base["path"])
+  if not lora.same_base(lora.fingerprint(params), base["fingerprint"]):
+    raise ValueError(
+      f"{path} holds adapters trained on the base {base['path']}, whose parameters have changed "
+      "since (fingerprints differ)"
+    )
+  dtype = saved.get("lora", {}).get("base_dtype")
+  if dtype:
+    params = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))(params)
+  adapters = checkpoint.restore_params(path, lora.adapters_of(abstract))
+  return lora.combine(params, adapters)
 
 
 def hf_to_orbax(src: str, dst: str, dtype: str | None = None) -> model_lib.ModelConfig:
@@ -153,13 +185,58 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None) -> model_lib.Model
   return cfg
 
 
-def orbax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_bytes=DEFAULT_SHARD_BYTES):
+def orbax_to_hf(
+  src: str,
+  dst: str,
+  dtype: str | None = None,
+  max_shard_bytes=DEFAULT_SHARD_BYTES,
+  merge_lora: bool = False,
+):
+  """Our checkpoint as a Hugging Face LLaDA directory; a lora run's with its adapters merged into the
+  kernels (`merge_lora`, required for one)."""
   _require_empty(dst)
   if hf_format.is_hf_dir(src) and not os.path.isfile(os.path.join(src, MODEL_CONFIG_JSON)):
     raise ValueError(
       f"{src} is a Hugging Face model directory already (convert it with --to=orbax)"
     )
   cfg = model_config_from_dir(src)
+  if cfg.lora_rank and not merge_lora:
+    raise ValueError(
+      f"{src} holds low-rank adapters: --merge_lora writes the merged model, --to=peft the adapters"
+    )
+  side_dir = _side_dir(src)
+  params = _restore(src, cfg)
+  if cfg.lora_rank:
+    params = lora.merged(params, cfg)
+    cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=())
+  write_hf(params, cfg, dst, dtype, max_shard_bytes, src_dir=side_dir)
+  return cfg
+
+
+def orbax_to_peft(src: str, dst: str, dtype: str | None = None) -> model_lib.ModelConfig:
+  """A lora run's adapters as PEFT's `adapter_config.json` + `adapter_model.safetensors` (PEFT's key
+  names and lora_A / lora_B layouts; its base is the run's rl.reference), with the tokenizer files."""
+  _require_empty(dst)
+  cfg = model_config_from_dir(src) if not is_model_dir(src) else None
+  if cfg is None or not cfg.lora_rank:
+    raise ValueError(f"{src} is not a lora run's checkpoint (no adapters to export)")
+  side_dir = _side_dir(src)
+  tensors = hf_format.adapters_to_peft(_restore(src, cfg), cfg)
+  if dtype is not None:
+    tensors = {k: x.astype(hf_format.DTYPES[dtype]) for k, x in tensors.items()}
+  os.makedirs(dst, exist_ok=True)
+  weights = os.path.join(dst, hf_format.PEFT_WEIGHTS)
+  st_numpy.save_file(tensors, weights, metadata={"format": "pt"})
+  _copy_side_files(side_dir, dst, TOKENIZER_FILES)
+  config = hf_format.peft_config_dict(cfg, saved_run_config(src)["lora_base"]["path"])
+  with open(os.path.join(dst, hf_format.PEFT_CONFIG), "w") as f:  # last: the directory is complete
+    json.dump(config, f, indent=2)
+  return cfg
+
+
+def _side_dir(src: str) -> str | None:
+  """Where a checkpoint's tokenizer and side files are: the directory itself for a converted one, the
+  run's Hugging Face tokenizer directory for a run (None without one)."""
   side_dir = src
   if not os.path.isfile(os.path.join(src, MODEL_CONFIG_JSON)):
     tokenizer = saved_run_config(src).get("tokenizer", {})
@@ -168,8 +245,7 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_bytes=DE
     if tokenizer.get("kind") != "hf" or not side_dir:
       logging.warning("the run's tokenizer is not a Hugging Face tokenizer.json; none is written")
       side_dir = None
-  write_hf(_restore(src, cfg), cfg, dst, dtype, max_shard_bytes, src_dir=side_dir)
-  return cfg
+  return side_dir
 
 
 def main(argv) -> None:
@@ -183,10 +259,14 @@ def main(argv) -> None:
       raise ValueError("--src and --dst are required")
     if not os.path.exists(fl.src):
       raise FileNotFoundError(f"--src {fl.src} does not exist")
+    if fl.merge_lora and fl.to != "hf":
+      raise ValueError("--merge_lora is for --to=hf (a merged Hugging Face model)")
     if fl.to == "orbax":
       cfg = hf_to_orbax(fl.src, fl.dst, dtype)
+    elif fl.to == "peft":
+      cfg = orbax_to_peft(fl.src, fl.dst, dtype)
     else:
-      cfg = orbax_to_hf(fl.src, fl.dst, dtype, fl.max_shard_bytes)
+      cfg = orbax_to_hf(fl.src, fl.dst, dtype, fl.max_shard_bytes, fl.merge_lora)
   except (ValueError, OSError, checkpoint.CheckpointError) as e:
     logging.debug("failed", exc_info=True)
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -200,7 +280,10 @@ def _define_flags() -> None:
     "src", None, "Hugging Face LLaDA dir (--to=orbax) or our checkpoint (--to=hf)."
   )
   flags.DEFINE_string("dst", None, "New or empty output directory.")
-  flags.DEFINE_enum("to", "orbax", ["orbax", "hf"], "Output format.")
+  flags.DEFINE_enum("to", "orbax", ["orbax", "hf", "peft"], "Output format.")
+  flags.DEFINE_bool(
+    "merge_lora", False, "--to=hf of a lora run: fold its adapters into the kernels."
+  )
   flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16"], "Output parameter dtype.")
   flags.DEFINE_integer("max_shard_bytes", DEFAULT_SHARD_BYTES, "Safetensors shard size (--to=hf).")
 

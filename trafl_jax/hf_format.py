@@ -152,6 +152,69 @@ def params_to_hf(params, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
   return tensors
 
 
+# PEFT's LoRA adapter files: `lora_A.weight` [r, in] and `lora_B.weight` [out, r] per adapted Linear,
+# under the PeftModel's prefix; PEFT computes `W x + (alpha / r) B A x`, ours `x K + (alpha / r) (x a) b`
+# with K = W^T, so A = a^T and B = b^T.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _adapter_mapping(cfg: model_lib.ModelConfig):
+  """Yields (PEFT name of A, of B, flax module path, layer index on the stacked axis or None)."""
+  for i in range(cfg.n_layers):
+    for name, path, _, _ in _BLOCK_MAP:
+      if path[-1] != "kernel" or path[-2] not in cfg.lora_targets:
+        continue
+      module = f"{PEFT_PREFIX}{PREFIX}blocks.{i}.{name.removesuffix('.weight')}"
+      flax_module = ("blocks", *path[:-1]) if cfg.scan_layers else (f"blocks_{i}", *path[:-1])
+      yield (
+        module + ".lora_A.weight",
+        module + ".lora_B.weight",
+        flax_module,
+        (i if cfg.scan_layers else None),
+      )
+
+
+def adapters_to_peft(params, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
+  """A lora model's adapters as PEFT's tensors (the base's leaves are ignored)."""
+  flat = _flatten(params)
+  tensors = {}
+  for name_a, name_b, module, layer in _adapter_mapping(cfg):
+    a, b = flat[(*module, "lora_a")], flat[(*module, "lora_b")]
+    if layer is not None:
+      a, b = a[layer], b[layer]
+    tensors[name_a] = np.ascontiguousarray(a.T)
+    tensors[name_b] = np.ascontiguousarray(b.T)
+  return tensors
+
+
+def peft_config_dict(cfg: model_lib.ModelConfig, base: str) -> dict:
+  """PEFT's `adapter_config.json` for the adapters of `cfg`. The targets are a regex over the block
+  projections: LLaDA's output head is also named `ff_out` and is not adapted."""
+  names = "|".join(t for t in model_lib.PROJECTIONS if t in cfg.lora_targets)
+  return {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base,
+    "r": cfg.lora_rank,
+    "lora_alpha": cfg.lora_alpha,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "target_modules": rf"{re.escape(PREFIX)}blocks\.\d+\.({names})",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "inference_mode": True,
+  }
+
+
 def read_json(path: str) -> dict:
   try:
     with open(path) as f:

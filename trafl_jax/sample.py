@@ -27,7 +27,7 @@ import jinja2.sandbox
 import numpy as np
 
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import cli, convert, data, jsonl, lora, sampler, sharding
+from trafl_jax import cli, convert, data, jsonl, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
@@ -91,49 +91,24 @@ def _chat_template(tokenizer_file: str):
 def _restore(checkpoint: str, stored, cfg, mesh, rules):
   """The checkpoint's parameters in `cfg`'s dtype and layer layout, sharded by `rules` on `mesh`. A
   stored layer layout other than the config's (`scan_layers`) is restacked on the devices. A lora
-  run's checkpoint (adapters only) comes with its base (`_base_of_run`)."""
+  run's checkpoint (adapters only) comes with its base (`convert.lora_run_params`)."""
   target, shardings = state_lib.param_target(model_lib.Transformer(cfg), mesh, rules)
-  adapters_only = stored.lora_rank and not convert.is_model_dir(checkpoint)
-  if adapters_only:
-    target = lora.adapters_of(target)
   as_stored = dataclasses.replace(cfg, scan_layers=stored.scan_layers)
-  if stored.scan_layers == cfg.scan_layers:
-    params = ckpt_lib.restore_params(checkpoint, target)
+  if stored.scan_layers != cfg.scan_layers:
+    target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
+  if stored.lora_rank and not convert.is_model_dir(checkpoint):  # adapters, on the run's base
+    base_cfg = dataclasses.replace(as_stored, lora_rank=0, lora_alpha=0.0, lora_targets=())
+    params = convert.lora_run_params(
+      checkpoint,
+      target,
+      lambda base: _restore(base, convert.model_config_from_dir(base), base_cfg, mesh, rules),
+    )
   else:
-    stored_target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
-    if adapters_only:
-      stored_target = lora.adapters_of(stored_target)
-    params = ckpt_lib.restore_params(checkpoint, stored_target)
-  if adapters_only:
-    params = lora.combine(_base_of_run(checkpoint, as_stored, mesh, rules), params)
+    params = ckpt_lib.restore_params(checkpoint, target)
   if stored.scan_layers == cfg.scan_layers:
     return params
   restack = functools.partial(model_lib.restack, n_layers=cfg.n_layers, scan_layers=cfg.scan_layers)
   return jax.jit(restack, out_shardings=shardings)(params)
-
-
-def _base_of_run(checkpoint: str, cfg, mesh, rules):
-  """The base a lora run's adapters were trained on: the run's `rl.reference` (checked against the
-  fingerprint the run recorded), in the run's `lora.base_dtype`, in `cfg`'s layer layout."""
-  saved = convert.saved_run_config(checkpoint)
-  base = saved.get("lora_base")
-  if not base:
-    raise ValueError(f"{checkpoint} holds adapters but its run config records no base (lora_base)")
-  if not os.path.exists(base["path"]):
-    raise ValueError(
-      f"{checkpoint} holds adapters for the base {base['path']}, which does not exist; export a "
-      "merged model where the base is (python -m trafl_jax.convert --merge_lora)"
-    )
-  base_cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=())
-  stored = convert.model_config_from_dir(base["path"])
-  params = _restore(base["path"], stored, base_cfg, mesh, rules)
-  if not lora.same_base(lora.fingerprint(params), base["fingerprint"]):
-    raise ValueError(
-      f"{checkpoint} holds adapters trained on the base {base['path']}, whose parameters have "
-      "changed since (fingerprints differ)"
-    )
-  dtype = saved.get("lora", {}).get("base_dtype", cfg.param_dtype)
-  return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))(params)
 
 
 class Generator:

@@ -118,6 +118,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.rl.train_path = ""  # prompts for tasks read from files
   c.rl.eval_path = ""
   c.rl.train_limit = 0  # 0 = all (countdown: every problem of the post-training part of the space)
+  # The seed of the post-training problems' order and draw (-1: the run's seed). Fixing it with a
+  # train_limit keeps the same problems across seeds (Countdown's probe is the first eval.limit of seed 0).
+  c.rl.problems_seed = -1
   c.rl.objective = "trafl"  # trafl | diffu_grpo | elbo_grpo | wd1
   c.rl.beta = 2.0
   c.rl.length_normalize = False

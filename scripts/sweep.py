@@ -123,19 +123,21 @@ SETTINGS: dict[str, dict] = {
   # "Reached the target where it trained": post-training on exactly the probe's 200 problems (the
   # first 200 distinct of the seed-0 stream, rl.train_limit), each seen ~32 times by TraFL's 200 steps
   # x 32 prompts, so a policy that can tilt per problem has the data to (with all ~3,300 post-training
-  # problems each is seen ~2 times and the probe measures generalization across problems). Seed 0 only:
-  # the stream's seed is the run's.
+  # problems each is seen ~2 times and the probe measures generalization across problems). The problems
+  # are seed 0's whatever the run's seed (rl.problems_seed).
   "p200_bounded_b32_lr3e-4": {
     "rl.lr": 3e-4,
     "rl.log_z_bounded": True,
     "rl.prompts_per_step": 32,
     "rl.train_limit": 200,
+    "rl.problems_seed": 0,
   },
   "p200_diffu_grpo_d1_lr3e-5": {
     "variant": "d1",
     "rl.objective": "diffu_grpo",
     "rl.lr": 3e-5,
     "rl.train_limit": 200,
+    "rl.problems_seed": 0,
   },
   # 8 updates per rollout batch alone (TraFL's optimizer and temperature otherwise).
   "bounded_mu8_lr3e-4": {

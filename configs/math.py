@@ -31,6 +31,10 @@ TPU pod slice (launch/tpu_pod.sh runs it on every worker; the bucket is mounted 
 checkpoints and logs land in gs://BUCKET/runs/gsm8k):
   CONFIG=configs/math.py:gsm8k WORKDIR=gs://BUCKET/runs/gsm8k launch/tpu_pod.sh run \
     --config.rl.reference=gs://BUCKET/ckpt/llada8b --config.rl.train_path=gs://BUCKET/gsm8k/train.jsonl
+LLaDA-8B TraFL with d1's adapters (rank 128, alpha 64 on q/k/v, a bfloat16 base) on one GPU; the run
+holds the adapters, exported with --to=peft or --to=hf --merge_lora (trafl_jax.convert):
+  python -m trafl_jax.main --config=configs/math.py:gsm8k_lora --workdir=runs/gsm8k_lora \
+    --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/gsm8k/train.jsonl
 Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference making, no post-training):
   python -m trafl_jax.main --config=configs/math.py:gsm8k_sft --workdir=runs/gsm8k_sft \
     --config.data.train_path=/data/gsm8k/train.jsonl
@@ -38,7 +42,7 @@ Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference maki
 
 from configs import common
 
-VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
+VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_lora", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
 
 
 def get_config(arg: str | None = None):
@@ -91,12 +95,16 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 5
   if "small" in variants:
     common.apply_preset(c, "small")
+  if "gsm8k_lora" in variants:  # gsm8k with d1's adapters: one 80 GB GPU, or a Colab TPU chip
+    variants.append("gsm8k")
   if "gsm8k" in variants:
     # The reference is LLaDA-8B-Instruct (rl.reference); the model section follows it on load.
     common.llada_8b_posttraining(c, "gsm8k")
     c.rl.num_steps = 1000
     c.eval.tasks = ("gsm8k",)
     c.eval.splits = ("test",)
+  if "gsm8k_lora" in variants:
+    common.d1_lora(c)
   if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
     c.stages = ("reference",)

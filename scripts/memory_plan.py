@@ -68,6 +68,14 @@ TARGETS = {
   # builder refuses those ("megacore" mode, one device per chip, is what v4 runs with).
   "v4-32": Target(16, 32.0, (), "TPU v4, 16 chips (32 TensorCores)"),
   "h100x8": Target(8, 80.0, (), "8 x H100 80GB (one node)"),
+  # One accelerator or one host: what LLaDA-8B with low-rank adapters (configs/math.py:gsm8k_lora)
+  # is planned for. The Colab TPU runtimes are one chip.
+  "h100": Target(1, 80.0, (), "1 x H100 80GB"),
+  "a100_40": Target(1, 40.0, (), "1 x A100 40GB"),
+  "v5e-8": Target(8, 16.0, (), "TPU v5e-8 (one host, 8 chips)", "v5e:2x4"),
+  "v6e-8": Target(8, 32.0, (), "TPU v6e-8 (one host, 8 chips)", "v6e:2x4"),
+  "v5e-1": Target(1, 16.0, (), "TPU v5e-1 (Colab, one chip)", "v5e:1x1"),
+  "v6e-1": Target(1, 32.0, (), "TPU v6e-1 (Colab, one chip)", "v6e:1x1"),
 }
 FIT_FRACTION = 0.9  # headroom for the runtime's own reservations and fragmentation
 
@@ -194,23 +202,30 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   import jax.numpy as jnp
   from flax import linen as nn
 
-  from trafl_jax import config_lib, objectives, posttrain, rl, sharding
+  from trafl_jax import config_lib, lora, objectives, posttrain, rl, sharding
   from trafl_jax import model as model_lib
   from trafl_jax import state as state_lib
 
   pcfg = config_lib.posttrain_config(config)
   cfg = config_lib.model_config(config)
-  model = model_lib.Transformer(cfg)
+  adapters = pcfg.lora.enabled
+  model = model_lib.Transformer(pcfg.lora.adapt(cfg))
   layout = config_lib.layout(config)
   mesh, rules = layout.make_mesh(devices), layout.rules
   rows = pcfg.rows
   posttrain.check_rows(pcfg, mesh)
   tx = state_lib.make_optimizer(pcfg.optim)
   abstract_state, shardings = rl.state_shardings(model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
-  ref_dtype = jnp.dtype(pcfg.reference_dtype)
-  abstract_ref = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), abstract_state.params
+  ref_dtype = jnp.dtype(pcfg.lora.base_dtype if adapters else pcfg.reference_dtype)
+  as_ref = lambda tree: jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), tree
   )
+  if adapters:  # one base (the policy's, in lora.base_dtype) with its adapters; no other reference
+    trainable, base = lora.split_trainable(abstract_state.params)
+    abstract_state = abstract_state.replace(params=lora.combine(as_ref(base), trainable))
+    abstract_ref = None
+  else:
+    abstract_ref = as_ref(abstract_state.params)
   t = prompt_len + pcfg.scfg.gen_length
   rollout_sh = rl.rollout_shardings(mesh, rules)
   abstract_rollout = objectives.Rollout(
@@ -221,7 +236,9 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     rewards_N=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=rollout_sh.rewards_N),
     commit_step_NxT=jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=rollout_sh.commit_step_NxT),
   )
-  jitted = posttrain.jit_steps(model, pcfg, mesh, rules, shardings, shardings.params)
+  jitted = posttrain.jit_steps(
+    model, pcfg, mesh, rules, shardings, None if adapters else shardings.params
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     prepared_shapes = jax.eval_shape(jitted.prepare, abstract_state, abstract_ref, abstract_rollout)
   abstract_prepared = jax.tree.map(
@@ -288,11 +305,16 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
       config, model, mesh, rules, abstract_state.params, prompt_len, log
     )
   n_params, n_dev = cfg.num_params(), mesh.size
+  trained = n_params
+  if adapters:
+    trained = sum(x.size for x in jax.tree.leaves(lora.adapters_of(abstract_state.params)))
   out["analytic"] = {
     "params": n_params,
-    # policy f32 + AdamW's two f32 moments + the reference, spread over every device (FSDP x tensor)
-    "state_and_reference": n_params * (4 + 8 + ref_dtype.itemsize) / n_dev,
-    "gradients": n_params * 4 / n_dev,  # the update's largest temporary besides activations
+    "trained_params": trained,
+    # the trained parameters f32 + AdamW's two f32 moments + the reference (with adapters: the one
+    # base), spread over every device (FSDP x tensor)
+    "state_and_reference": (trained * 12 + n_params * ref_dtype.itemsize) / n_dev,
+    "gradients": trained * 4 / n_dev,  # the update's largest temporary besides activations
     # the log Z head and its Adam moments are replicated (2 x D x D weights: 0.4 GiB at D = 4096)
     "log_z_head": per_device_bytes((abstract_state.log_z, abstract_state.log_z_opt_state)),
   }
@@ -363,10 +385,11 @@ def fits(result: dict, target: Target) -> bool:
 
 def settings_of(config) -> str:
   """The settings that move the memory, for the table."""
-  m, r = config.model, config.rl
+  m, r, a = config.model, config.rl, config.lora
+  ref = f"lora r{a.rank} on a {a.base_dtype} base" if a.rank else f"ref {r.reference_dtype}"
   return (
     f"{r.objective}, {r.prompts_per_step}x{r.group_size} rows, I={r.num_inner_updates}, "
-    f"remat {m.remat}, ref {r.reference_dtype}, M={r.micro_batches}"
+    f"remat {m.remat}, {ref}, M={r.micro_batches}"
   )
 
 

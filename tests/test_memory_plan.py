@@ -101,11 +101,23 @@ def test_table_and_targets():
   assert memory_plan._device_count_from_argv(["x", "--target=h100x8,v4-32"]) == 16
   assert memory_plan._device_count_from_argv(["x"]) == 64
   with pytest.raises(ValueError, match="unknown target"):
-    memory_plan.target_names("v6e-8")
+    memory_plan.target_names("v7-8")
   # Every recommended setting names an existing config key.
   config = math_config.get_config("gsm8k")
   for t in memory_plan.TARGETS.values():
     memory_plan.apply_overrides(config, t.overrides)
+
+
+def test_adapters_plan_one_base_and_train_only_themselves(plans):
+  config = _config()
+  config.lora.rank, config.lora.alpha, config.lora.base_dtype = 4, 8.0, "bfloat16"
+  result = memory_plan.plan(config, jax.devices()[:8], 32, log=lambda _: None)
+  full = plans[1]
+  assert result["resident"]["reference"] == 0  # the reference is the base with adapters off
+  assert result["resident"]["state"] < full["resident"]["state"] + full["resident"]["reference"]
+  assert 0 < result["analytic"]["trained_params"] < result["analytic"]["params"] / 4
+  assert set(result["steps"]) == {"sampler", "prepare", "update"}
+  assert "lora r4 on a bfloat16 base" in memory_plan.settings_of(config)
 
 
 def test_rows_that_do_not_divide_over_the_devices_are_named():

@@ -268,6 +268,11 @@ def d1_lora(c: ml_collections.ConfigDict) -> None:
   c.lora.targets = ("q_proj", "k_proj", "v_proj")
   c.lora.base_dtype = "bfloat16"
   c.mesh.data, c.mesh.fsdp = 1, -1
+  # One accelerator holds every row: 8 micro-batches of one prompt group (6 rows) in the update, 8 rows
+  # per sampler pass (the same results as one pass; docs/scaling.md has the memory each saves).
+  c.rl.micro_batches = 8
+  c.rl.rollout.micro_batch = 8
+  c.eval.sampler.micro_batch = 8
 
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:

@@ -322,23 +322,20 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
 
 
 def _evaluate_step(config, model, mesh, rules, abstract_params, prompt_len: int, log) -> StepMemory:
-  """The evaluation stage's sampler (a stage of its own: nothing of post-training stays resident): a
-  checkpoint's float32 parameters on the run's mesh, `eval.batch_size` rows (rounded up to the data
-  devices, as `Generator.generate` does) at the longest `eval.gen_lengths`."""
+  """The evaluation stage's sampler (a stage of its own: nothing of post-training stays resident): the
+  policy's parameters as the run holds them (float32; a lora run's base in lora.base_dtype) on the run's
+  mesh, `eval.batch_size` rows (rounded up to the data devices, as `Generator.generate` does) at the
+  longest `eval.gen_lengths`, in the `eval.sampler` modes (micro_batch: rows per pass)."""
   import jax
   import jax.numpy as jnp
   from flax import linen as nn
 
   from trafl_jax import config_lib, evaluate, sampler, sharding
 
-  settings = evaluate.sampler_settings(config_lib.eval_config(config), max(config.eval.gen_lengths))
-  scfg = sampler.SamplerConfig(
-    gen_length=settings["gen_length"],
-    steps=settings["steps"],
-    block_length=settings["block_length"],
-    temperature=config.eval.temperature,
-    remasking=settings["remasking"],
-  )
+  eval_cfg = config_lib.eval_config(config)
+  settings = evaluate.sampler_settings(eval_cfg, max(config.eval.gen_lengths))
+  settings.pop("batch_size")
+  scfg = sampler.SamplerConfig(temperature=config.eval.temperature, **settings)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = -(-config.eval.batch_size // shards) * shards
   prompt_sh = sharding.batch_sharding(mesh, rules)
@@ -357,7 +354,7 @@ def _evaluate_step(config, model, mesh, rules, abstract_params, prompt_len: int,
   step = _step_memory(compiled, per_device_bytes(args), time.perf_counter() - t0)
   log(
     f"  evaluate compiled in {step.compile_s:6.1f}s ({rows} rows, {scfg.gen_length} tokens, "
-    f"float32 parameters; its own stage): arguments {size(step.argument)}, temp {size(step.temp)}, "
+    f"{scfg.mode}; its own stage): arguments {size(step.argument)}, temp {size(step.temp)}, "
     f"code {size(step.code)} -> peak {size(step.peak_over_resident)}"
   )
   return step

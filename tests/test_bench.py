@@ -18,6 +18,17 @@ def test_rl_bench_times_every_part_on_tiny():
   )
 
 
+def test_rl_bench_with_adapters_trains_less_and_holds_one_base():
+  scfg = sampler.SamplerConfig(gen_length=8, steps=4, block_length=8, temperature=1.0)
+  full = bench.bench_rl("tiny", "trafl", 2, 4, 8, scfg, inner=1, repeats=1)
+  adapted = bench.bench_rl("tiny", "trafl", 2, 4, 8, scfg, inner=1, repeats=1, lora_rank=4)
+  assert adapted["lora_rank"] == 4 and full["lora_rank"] == 0
+  assert 0 < adapted["trained_params"] < full["trained_params"] / 4
+  assert adapted["state_bytes"] < full["state_bytes"] / 2  # no reference copy, no base moments
+  for result in (full, adapted):
+    assert result["update_s"] > 0 and result["update_peak_bytes"] > 0
+
+
 def test_rl_step_flops_count_the_masked_copies():
   values = {k: v for k, v in common.model_config("tiny").items() if k != "preset"}
   cfg = model_lib.ModelConfig(**values)

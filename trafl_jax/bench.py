@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import time
 
@@ -27,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from trafl_jax import cli, objectives, posttrain, rl, sampler, sharding
+from trafl_jax import cli, lora, objectives, posttrain, rl, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
@@ -62,6 +63,9 @@ _THRESHOLD = flags.DEFINE_float(
 )
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", False, "sample, rl: finished rows stop computing.")
 _MICRO = flags.DEFINE_integer("micro_batch", 0, "sample, rl: sampler rows per pass (0: all).")
+_LORA = flags.DEFINE_integer(
+  "lora_rank", 0, "rl: also time adapters of this rank (q, k, v) beside full post-training."
+)
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Side of the square matmul that measures peak.")
 
 
@@ -235,28 +239,22 @@ def bench_rl(
   dtype: str = "float32",
   remat: str = "none",
   repeats: int = 2,
+  lora_rank: int = 0,
 ) -> dict:
   """One post-training outer step, split into sampling, scoring (the Countdown verifier on as many
   completions) and the update(s), with random weights and prompts, through the jitted functions the
-  post-training loop uses (`rl.jit_steps`, `sampler.make_generate_fn`)."""
+  post-training loop uses (`rl.jit_steps`, `sampler.make_generate_fn`), and the compiled per-device
+  memory of prepare and update. `lora_rank`: d1's adapters (q, k, v; alpha = rank / 2) on a base in
+  the compute dtype, the reference the base with them off."""
   cfg, model = _model(preset, dtype, remat)
+  adapters = (
+    lora.LoraConfig(rank=lora_rank, alpha=lora_rank / 2) if lora_rank else lora.LoraConfig()
+  )
+  model = model_lib.Transformer(adapters.adapt(cfg))
   layout = _layout()
   mesh, rules = layout.make_mesh(), layout.rules
   ocfg = objectives.ObjectiveConfig(objective=objective)
-  tx = state_lib.make_optimizer(
-    state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
-  )
-  _, shardings = rl.state_shardings(model, tx, 1e-3, 1, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = jax.jit(
-      lambda: nn.unbox(state_lib.init_params(model, jax.random.PRNGKey(0), 8)),
-      out_shardings=shardings.params,
-    )()
-    ref_params = jax.jit(
-      lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings.params
-    )(params)
-    create = functools.partial(rl.create_state, tx=tx, log_z_lr=1e-3, d_model=cfg.d_model, seed=1)
-    state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
+  state, ref_params, shardings = _rl_state(model, dtype, mesh, rules)
   n = prompts * group
   rng = np.random.default_rng(0)
   prompt = np.repeat(rng.integers(5, cfg.vocab_size, (prompts, prompt_len)), group, 0).astype(
@@ -264,8 +262,9 @@ def bench_rl(
   )
   valid = np.ones_like(prompt, bool)
   generate = sampler.make_generate_fn(model, scfg, mesh, rules, shardings.params)
+  ref_shardings = None if ref_params is None else shardings.params
   prepare, update, _ = rl.jit_steps(
-    model, ocfg, inner, group, shardings, shardings.params, mesh, rules
+    model, ocfg, inner, group, shardings, ref_shardings, mesh, rules
   )
   problems = tasks_lib.load("countdown", limit=n)
   texts = [f"{p.reference['numbers'][0]}+{p.reference['numbers'][1]}" for p in problems]
@@ -290,6 +289,15 @@ def bench_rl(
     for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
       times[key].append(value)
   out = {k: float(np.min(v[1:])) for k, v in times.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for name, fn, args in (
+      ("prepare", prepare, (state, ref_params, batch)),
+      ("update", update, (state, batch, prepared, 0)),
+    ):
+      memory = posttrain.compiled_memory(fn.lower(*args).compile())
+      out[f"{name}_peak_bytes"] = memory["argument"] + memory["output"] - memory["alias"]
+      out[f"{name}_peak_bytes"] += memory["temp"]
+  trained = lora.split_trainable(state.params)[0]
   seq_len = prompt_len + scfg.gen_length
   sample_flops = scfg.steps * model_lib.forward_flops(cfg, n, seq_len, logits_len=scfg.gen_length)
   update_flops = rl_step_flops(cfg, ocfg, prompts, group, seq_len, inner)
@@ -303,13 +311,41 @@ def bench_rl(
     "mode": scfg.mode,
     "inner_updates": inner,
     "remat": remat,
+    "lora_rank": lora_rank,
+    "trained_params": int(sum(x.size for x in jax.tree.leaves(trained))),
+    "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves((state, ref_params)))),
     **out,
-    "outer_step_s": sum(out.values()),
+    "outer_step_s": out["sample_s"] + out["score_s"] + out["update_s"],
     "sample_tokens_per_s": n * scfg.gen_length / out["sample_s"],
     "update_tokens_per_s": n * seq_len * inner / out["update_s"],
     "sample_flops_per_s": sample_flops / out["sample_s"],
     "update_flops_per_s": update_flops / out["update_s"],
   }
+
+
+def _rl_state(model, dtype: str, mesh, rules):
+  """`(state, ref_params, shardings)` from random weights: without adapters the policy in float32 and a
+  reference copy in `dtype`; with them one base in `dtype` plus the adapters (`ref_params` None)."""
+  tx = state_lib.make_optimizer(
+    state_lib.OptimConfig(1e-5, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 1.0, 10)
+  )
+  _, shardings = rl.state_shardings(model, tx, 1e-3, 1, mesh, rules)
+  create = functools.partial(
+    rl.create_state, tx=tx, log_z_lr=1e-3, d_model=model.cfg.d_model, seed=1
+  )
+  cast = lambda p: jax.tree.map(lambda x: x.astype(dtype), p)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(
+      lambda: nn.unbox(state_lib.init_params(model, jax.random.PRNGKey(0), 8)),
+      out_shardings=shardings.params,
+    )()
+    if model.cfg.lora_rank:
+      trainable, base = lora.split_trainable(params)
+      params, ref_params = lora.combine(cast(base), trainable), None
+    else:
+      ref_params = jax.jit(cast, out_shardings=shardings.params)(params)
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=0)(params)
+  return state, ref_params, shardings
 
 
 def _peak(dtype: str) -> tuple[float, str]:
@@ -343,7 +379,8 @@ def main(argv):
       **_modes(),
     )
     peak, peak_dtype = _peak(_DTYPE.value)
-    for objective in _OBJECTIVE.value:
+    ranks = (0, _LORA.value) if _LORA.value else (0,)
+    for objective, rank in itertools.product(_OBJECTIVE.value, ranks):
       result = bench_rl(
         _PRESET.value,
         objective,
@@ -354,6 +391,7 @@ def main(argv):
         _INNER.value,
         _DTYPE.value,
         _REMAT.value,
+        lora_rank=rank,
       )
       result |= {"matmul_peak_flops_per_s": peak, "matmul_dtype": peak_dtype}
       result["sample_fraction_of_peak"] = result["sample_flops_per_s"] / peak

@@ -55,6 +55,9 @@ class Target:
   # settings on top of `overrides` where its devices differ from the target's.
   topology: str = ""
   topology_overrides: tuple[tuple[str, object], ...] = ()
+  host_bounds: tuple[
+    int, int, int
+  ] = ()  # chips per host when the topology is one host (v5e-8, v5e-1)
 
 
 TARGETS = {
@@ -72,10 +75,10 @@ TARGETS = {
   # is planned for. The Colab TPU runtimes are one chip.
   "h100": Target(1, 80.0, (), "1 x H100 80GB"),
   "a100_40": Target(1, 40.0, (), "1 x A100 40GB"),
-  "v5e-8": Target(8, 16.0, (), "TPU v5e-8 (one host, 8 chips)", "v5e:2x4"),
-  "v6e-8": Target(8, 32.0, (), "TPU v6e-8 (one host, 8 chips)", "v6e:2x4"),
-  "v5e-1": Target(1, 16.0, (), "TPU v5e-1 (Colab, one chip)", "v5e:1x1"),
-  "v6e-1": Target(1, 32.0, (), "TPU v6e-1 (Colab, one chip)", "v6e:1x1"),
+  "v5e-8": Target(8, 16.0, (), "TPU v5e-8 (one host, 8 chips)", "v5e:2x4", host_bounds=(2, 4, 1)),
+  "v6e-8": Target(8, 32.0, (), "TPU v6e-8 (one host, 8 chips)", "v6e:2x4", host_bounds=(2, 4, 1)),
+  "v5e-1": Target(1, 16.0, (), "TPU v5e-1 (Colab, one chip)", "v5e:1x1", host_bounds=(1, 1, 1)),
+  "v6e-1": Target(1, 32.0, (), "TPU v6e-1 (Colab, one chip)", "v6e:1x1", host_bounds=(1, 1, 1)),
 }
 FIT_FRACTION = 0.9  # headroom for the runtime's own reservations and fragmentation
 
@@ -418,6 +421,14 @@ def table_row(name: str, target: Target, settings: str, result: dict) -> str:
   )
 
 
+def unfit_row(name: str, target: Target, settings: str, reason: str) -> str:
+  """A row for a target whose compiler refused a step for lack of memory (no figures to add up)."""
+  cells = len(table_header().splitlines()[0].split("|")) - 2
+  row = [name, f"{target.hbm_gib:g}", "-", settings, f"compiler: {reason}"]
+  row += ["-"] * (cells - len(row) - 1) + ["**no**"]
+  return "| " + " | ".join(row) + " |"
+
+
 def report(name: str, target: Target, result: dict) -> None:
   res, ana = result["resident"], result["analytic"]
   peak, hbm = result["peak"], target.hbm_gib * GIB
@@ -443,7 +454,8 @@ def topology_target(target: Target) -> tuple[Target, list]:
   """The target as its deviceless TPU topology presents it, and that topology's devices."""
   from jax.experimental import topologies
 
-  devices = list(topologies.get_topology_desc(target.topology, "tpu").devices)
+  kwargs = {"chips_per_host_bounds": target.host_bounds} if target.host_bounds else {}
+  devices = list(topologies.get_topology_desc(target.topology, "tpu", **kwargs).devices)
   per_device = target.hbm_gib * target.devices / len(devices)
   note = f"{target.note}; XLA:TPU, topology {target.topology} ({len(devices)} devices)"
   return dataclasses.replace(
@@ -483,6 +495,14 @@ def main(argv):
       result = plan(c, devices, _FLAGS["prompt_len"].value, tuple(_FLAGS["steps"].value))
     except ValueError as e:
       print(f"  error: {e}", flush=True)
+      continue
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # XLA:TPU refuses to compile a step that does not fit its HBM: that is the answer.
+      reason = str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+      print(f"  {name}: DOES NOT FIT ({reason})", flush=True)
+      rows.append(unfit_row(name, target, settings_of(c), reason))
       continue
     report(name, target, result)
     rows.append(table_row(name, target, settings_of(c), result))

@@ -1,9 +1,12 @@
 """The benchmark's RL step runs through the training loop's jitted functions and reports sane rates."""
 
+import json
+
 import pytest
 
 from configs import common
-from trafl_jax import bench, objectives, sampler
+from configs import math as math_config
+from trafl_jax import bench, config_lib, objectives, pipeline, sampler
 from trafl_jax import model as model_lib
 
 
@@ -57,3 +60,20 @@ def test_sample_bench_times_a_fast_mode_beside_the_exact_sampler():
     "tiny", 8, 8, sampler.SamplerConfig(gen_length=16, steps=8, block_length=8), "float32", 1
   )
   assert "speedup_vs_exact" not in exact and exact["nfe_per_token"] == 0.5
+
+
+def test_sample_bench_on_a_trained_checkpoint_with_question_prompts(tmp_path):
+  config = math_config.get_config("tiny")
+  config.train.progress = False
+  reference = str(tmp_path / "reference")
+  pipeline.reference_stage(config, reference)
+  prompts = tmp_path / "questions.jsonl"
+  prompts.write_text("".join(json.dumps({"question": f"{i}+{i}="}) + "\n" for i in range(10)))
+  scfg = sampler.SamplerConfig(
+    gen_length=8, steps=8, block_length=8, cache="dual", stop_at_eos=True
+  )
+  out = bench.bench_sample("tiny", 8, 16, scfg, "float32", 1, reference, str(prompts))
+  assert (
+    out["checkpoint"] == reference and out["params"] == config_lib.model_config(config).num_params()
+  )
+  assert 0.0 <= out["answer_agreement"] <= 1.0 and out["speedup_vs_exact"] > 0

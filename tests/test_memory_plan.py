@@ -97,6 +97,8 @@ def test_table_and_targets():
   assert row.endswith("| 0.95 | **no** |")  # 95% of HBM is above the 90% line
   result["peak"] = 0.85 * 2**30
   assert memory_plan.table_row("t", target, "settings", result).endswith("| yes |")
+  unfit = memory_plan.unfit_row("t", target, "settings", "Ran out of memory on HBM")
+  assert unfit.count("|") == row.count("|") and unfit.endswith("| **no** |")
   assert memory_plan.target_names("all") == sorted(memory_plan.TARGETS)
   assert memory_plan._device_count_from_argv(["x", "--target=h100x8,v4-32"]) == 16
   assert memory_plan._device_count_from_argv(["x"]) == 64

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from trafl_jax import cli, lora, objectives, posttrain, rl, sampler, sharding
+from trafl_jax import cli, lora, objectives, posttrain, rl, sample, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
@@ -63,6 +63,12 @@ _THRESHOLD = flags.DEFINE_float(
 )
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", False, "sample, rl: finished rows stop computing.")
 _MICRO = flags.DEFINE_integer("micro_batch", 0, "sample, rl: sampler rows per pass (0: all).")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", "", "sample: a trained model instead of random weights (with --prompts_path)."
+)
+_PROMPTS_PATH = flags.DEFINE_string(
+  "prompts_path", "", "sample: GSM8K-format JSONL whose first --batch questions are the prompts."
+)
 _LORA = flags.DEFINE_integer(
   "lora_rank", 0, "rl: also time adapters of this rank (q, k, v) beside full post-training."
 )
@@ -162,21 +168,40 @@ def bench_train(preset: str, batch: int, seq_len: int, steps: int, dtype: str, r
 
 
 def bench_sample(
-  preset: str, batch: int, prompt_len: int, scfg: sampler.SamplerConfig, dtype: str, repeats: int
+  preset: str,
+  batch: int,
+  prompt_len: int,
+  scfg: sampler.SamplerConfig,
+  dtype: str,
+  repeats: int,
+  checkpoint: str = "",
+  prompts_path: str = "",
 ) -> dict:
   """Generated tokens per second of the jitted sampler (params replicated, batch over the devices),
   greedy. A mode other than exact is timed beside the exact sampler in the same process, on the same
   weights and prompts: `speedup_vs_exact`, and `agreement` (the fraction of tokens equal to the exact
-  sampler's)."""
-  cfg, model = _model(preset, dtype)
+  sampler's). Random weights and prompts, or a trained `checkpoint` with the first `batch` questions
+  of a GSM8K-format file (`prompts_path`), left-padded to `prompt_len`; then `answer_agreement` (the
+  fraction of rows whose text up to the first EOS equals the exact sampler's)."""
   layout = _layout()
   mesh, rules = layout.make_mesh(), layout.rules
-  params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
-  params = jax.device_put(nn.unbox(params), shardings)
-  rng = np.random.default_rng(0)
-  prompt = rng.integers(5, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
-  valid = np.ones((batch, prompt_len), bool)
+  generator = None
+  if checkpoint:
+    generator = sample.Generator.load(checkpoint, dtype=dtype, layout=layout)
+    cfg, model, params = generator.cfg, generator.model, generator.params
+    questions = sample.read_prompts(prompts_path)[:batch]
+    prompt, valid = generator.pad_prompts(
+      [generator.encode(q) for q in questions], batch, prompt_len
+    )
+  else:
+    cfg, model = _model(preset, dtype)
+    params = state_lib.init_params(model, jax.random.PRNGKey(0), prompt_len + scfg.gen_length)
+    shardings = sharding.logical_to_shardings(nn.get_partition_spec(params), mesh, rules)
+    params = jax.device_put(nn.unbox(params), shardings)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(5, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+    valid = np.ones((batch, prompt_len), bool)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
 
   def timed(c: sampler.SamplerConfig):
     generate = sampler.make_generate_fn(model, c, mesh, rules, shardings)
@@ -206,6 +231,11 @@ def bench_sample(
     )
     exact_s, exact = timed(exact_cfg)
     same = sharding.to_host(out.completion_BxL) == sharding.to_host(exact.completion_BxL)
+    if generator is not None:
+      texts = [generator.decode(c) for c in sharding.to_host(out.completion_BxL)]
+      exact_texts = [generator.decode(c) for c in sharding.to_host(exact.completion_BxL)]
+      result["answer_agreement"] = float(np.mean([a == b for a, b in zip(texts, exact_texts)]))
+      result["checkpoint"] = checkpoint
     result |= {
       "exact_call_s": exact_s,
       "exact_tokens_per_s": batch * scfg.gen_length / exact_s,
@@ -409,7 +439,16 @@ def main(argv):
       block_length=_BLOCK.value,
       **_modes(),
     )
-    result = bench_sample(_PRESET.value, _BATCH.value, _PROMPT_LEN.value, scfg, _DTYPE.value, 1)
+    result = bench_sample(
+      _PRESET.value,
+      _BATCH.value,
+      _PROMPT_LEN.value,
+      scfg,
+      _DTYPE.value,
+      1,
+      _CHECKPOINT.value,
+      _PROMPTS_PATH.value,
+    )
   peak, peak_dtype = _peak(_DTYPE.value)
   result |= {"matmul_peak_flops_per_s": peak, "matmul_dtype": peak_dtype}
   result["fraction_of_peak"] = result["flops_per_s"] / peak

@@ -225,7 +225,13 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   )
   if adapters:  # one base (the policy's, in lora.base_dtype) with its adapters; no other reference
     trainable, base = lora.split_trainable(abstract_state.params)
-    abstract_state = abstract_state.replace(params=lora.combine(as_ref(base), trainable))
+    base = jax.eval_shape(lambda t: lora.prepare_base(t, pcfg.lora.base_dtype), base)
+    base = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s.sharding),
+      base,
+      lora.base_of(abstract_state.params),
+    )
+    abstract_state = abstract_state.replace(params=lora.combine(base, trainable))
     abstract_ref = None
   else:
     abstract_ref = as_ref(abstract_state.params)

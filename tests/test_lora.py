@@ -84,13 +84,41 @@ def test_zero_adapters_are_the_base_and_merging_is_exact():
   assert ("ff_out", "kernel") not in changed
 
 
+def test_an_int8_base_is_within_its_tolerance_of_bfloat16():
+  """int8 per output channel: the logits stay within 10% of their standard deviation of the bfloat16
+  base's (4.3% measured on tiny random weights), and the merged export dequantizes."""
+  base_cfg = model_lib.ModelConfig(**model_lib.PRESETS["tiny"])
+  _, full = _tiny_params(base_cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 5, base_cfg.vocab_size)
+  valid = jnp.ones_like(tokens, bool)
+
+  def logits(base_dtype):
+    cfg = lora.LoraConfig(**LORA, base_dtype=base_dtype).adapt(base_cfg)
+    return cfg, model_lib.Transformer(cfg).apply(
+      {"params": lora.prepare_base(full, base_dtype)}, tokens, valid
+    )
+
+  cfg8, int8 = logits("int8")
+  _, bf16 = logits("bfloat16")
+  assert cfg8.base_quant == "int8"
+  assert 0 < float(jnp.abs(int8 - bf16).max()) <= 0.1 * float(bf16.std())
+  quantized = traverse_util.flatten_dict(lora.prepare_base(full, "int8"))
+  kernels = [p for p in quantized if p[-1] == "kernel_q"]
+  assert len(kernels) == 7 and all(quantized[p].dtype == jnp.int8 for p in kernels)
+  assert ("ff_out", "kernel") in quantized and ("wte",) in quantized  # the head and embedding stay
+  merged = lora.merged(lora.prepare_base(full, "int8"), cfg8)
+  np.testing.assert_allclose(
+    model_lib.Transformer(base_cfg).apply({"params": merged}, tokens, valid), int8, atol=1e-4
+  )
+
+
 @pytest.mark.parametrize(
   "settings,match",
   [
     (dict(rank=-1), "must be >= 0"),
     (dict(rank=4, alpha=0.0), "alpha"),
     (dict(rank=4, alpha=8.0, targets=("q_proj", "wq")), "lora.targets"),
-    (dict(rank=4, alpha=8.0, base_dtype="int3"), "base_dtype"),
+    (dict(rank=4, alpha=8.0, base_dtype="nf4"), "base_dtype"),
   ],
 )
 def test_bad_lora_settings_are_named(settings, match):
@@ -116,6 +144,10 @@ def test_only_the_adapters_train(reference, tmp_path, objective):
   workdir = str(tmp_path / objective)
   lr = {"lr": 3e-2} if objective == "wd1" else {}  # wd1 steps only on rewarded rows
   config = _config(objective=objective, num_steps=2, eval_every=0, **lr)
+  if (
+    objective == "elbo_grpo"
+  ):  # one objective on an int8 base: it trains, resumes and loads the same
+    config.lora.base_dtype = "int8"
   last = pipeline.posttrain_stage(config, workdir, reference)
   assert np.isfinite(last["rl/loss"])
   # The checkpoint holds the adapters (and the optimizer state of nothing else), never the base.
@@ -133,11 +165,11 @@ def test_only_the_adapters_train(reference, tmp_path, objective):
   policy = sample.Generator.load(workdir)
   ref = sample.Generator.load(reference)
   assert policy.cfg.lora_rank == LORA["rank"]
-  flat_ref = traverse_util.flatten_dict(ref.params)
   flat_base = traverse_util.flatten_dict(lora.base_of(policy.params))
-  assert flat_ref.keys() == flat_base.keys()
-  for path, x in flat_ref.items():
-    np.testing.assert_array_equal(np.asarray(x.astype(jnp.bfloat16)), np.asarray(flat_base[path]))
+  expected = traverse_util.flatten_dict(lora.prepare_base(ref.params, config.lora.base_dtype))
+  assert expected.keys() == flat_base.keys()
+  for path, x in expected.items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_base[path]))
   adapters = traverse_util.flatten_dict(lora.adapters_of(policy.params))
   b_moved = any(float(jnp.abs(x).max()) > 0 for p, x in adapters.items() if p[-1] == "lora_b")
   assert b_moved or (objective == "wd1" and last["rl/grad_norm"] == 0)

@@ -141,7 +141,7 @@ def _restore(path: str, cfg: model_lib.ModelConfig):
     nn.unbox(state_lib.abstract_params(model_lib.Transformer(cfg))),
   )
   if cfg.lora_rank and not is_model_dir(path):
-    base_cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=())
+    base_cfg = lora.base_config(cfg)
     return lora_run_params(path, abstract, lambda base: _restore(base, base_cfg))
   return checkpoint.restore_params(path, abstract)
 
@@ -167,7 +167,7 @@ def lora_run_params(path: str, abstract, restore_base):
     )
   dtype = saved.get("lora", {}).get("base_dtype")
   if dtype:
-    params = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t))(params)
+    params = jax.jit(lambda t: lora.prepare_base(t, dtype))(params)
   adapters = checkpoint.restore_params(path, lora.adapters_of(abstract))
   return lora.combine(params, adapters)
 
@@ -208,7 +208,7 @@ def orbax_to_hf(
   params = _restore(src, cfg)
   if cfg.lora_rank:
     params = lora.merged(params, cfg)
-    cfg = dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=())
+    cfg = lora.base_config(cfg)
   write_hf(params, cfg, dst, dtype, max_shard_bytes, src_dir=side_dir)
   return cfg
 

@@ -19,7 +19,7 @@ from flax import traverse_util
 from trafl_jax import model as model_lib
 
 ADAPTERS = ("lora_a", "lora_b")
-BASE_DTYPES = ("float32", "bfloat16")
+BASE_DTYPES = ("float32", "bfloat16", "int8")  # int8: the layers' kernels, the rest bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LoraConfig:
   rank: int = 0  # 0: no adapters (full post-training)
   alpha: float = 0.0  # the update is scaled by alpha / rank
   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # model.PROJECTIONS, by LLaDA's names
-  base_dtype: str = "bfloat16"  # the frozen base's parameters
+  base_dtype: str = "bfloat16"  # the frozen base's parameters (int8: quantized layer kernels)
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -54,8 +54,48 @@ class LoraConfig:
     if not self.enabled:
       return cfg
     return dataclasses.replace(
-      cfg, lora_rank=self.rank, lora_alpha=float(self.alpha), lora_targets=self.targets
+      cfg,
+      lora_rank=self.rank,
+      lora_alpha=float(self.alpha),
+      lora_targets=self.targets,
+      base_quant="int8" if self.base_dtype == "int8" else "none",
     )
+
+
+def base_config(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
+  """The model without adapters or a quantized base: what a base checkpoint stores."""
+  return dataclasses.replace(cfg, lora_rank=0, lora_alpha=0.0, lora_targets=(), base_quant="none")
+
+
+def prepare_base(params, base_dtype: str):
+  """A full-precision base as a lora run holds it: cast to `base_dtype`, or (int8) every layer kernel
+  quantized per output channel (`kernel_q` int8, `kernel_scale` float32 = max |W| over the input / 127)
+  and the other parameters in bfloat16. Jittable."""
+  if base_dtype != "int8":
+    return jax.tree.map(lambda x: x.astype(base_dtype), params)
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, x in flat.items():
+    if path[-1] in ("kernel_q", "kernel_scale"):  # quantized already
+      out[path] = x
+    elif path[-1] == "kernel" and path[0].startswith("blocks"):
+      w = x.astype(jnp.float32)
+      scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-2), 1e-12) / 127.0
+      out[(*path[:-1], "kernel_q")] = jnp.round(w / scale[..., None, :]).astype(jnp.int8)
+      out[(*path[:-1], "kernel_scale")] = scale
+    else:
+      out[path] = x.astype(jnp.bfloat16)
+  return traverse_util.unflatten_dict(out)
+
+
+def _dequantized(flat: dict) -> dict:
+  """`kernel_q`/`kernel_scale` pairs back to float32 kernels."""
+  out = {p: x for p, x in flat.items() if p[-1] not in ("kernel_q", "kernel_scale")}
+  for path, q in flat.items():
+    if path[-1] == "kernel_q":
+      scale = flat[(*path[:-1], "kernel_scale")]
+      out[(*path[:-1], "kernel")] = q.astype(jnp.float32) * scale[..., None, :]
+  return out
 
 
 def _is_adapter(path: tuple) -> bool:
@@ -114,8 +154,9 @@ def init_adapters(abstract_params, rng: jax.Array):
 
 def merged(params, cfg: model_lib.ModelConfig):
   """The tree with every adapter folded into its kernel, `W + (alpha / r) A @ B` in float32 and cast
-  back to the kernel's dtype, and the adapters removed: the base model that computes the policy."""
-  flat = traverse_util.flatten_dict(params)
+  back to the kernel's dtype (an int8 base's kernels dequantized, float32), and the adapters removed: the
+  base model (`base_config`) that computes the policy."""
+  flat = _dequantized(traverse_util.flatten_dict(params))
   scale = cfg.lora_alpha / max(cfg.lora_rank, 1)
   out = {p: x for p, x in flat.items() if not _is_adapter(p)}
   for path in flat:

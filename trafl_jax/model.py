@@ -24,6 +24,7 @@ Dtype = Any
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # The projections of a layer, by LLaDA's names (what low-rank adapters can target).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+BASE_QUANT = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,17 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  # The frozen base's layer projections stored quantized under adapters: "none" | "int8" (per output
+  # channel, symmetric; `kernel_q` int8 and `kernel_scale`, dequantized in the matmul's dtype).
+  base_quant: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
     unknown = sorted(set(self.lora_targets) - set(PROJECTIONS))
     if unknown:
       raise ValueError(f"lora targets {unknown} are not projections of the model {PROJECTIONS}")
+    if self.base_quant not in BASE_QUANT:
+      raise ValueError(f"base_quant {self.base_quant!r} is not one of {BASE_QUANT}")
     if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
       raise ValueError(f"lora rank {self.lora_rank} needs rank >= 0 and, above 0, some targets")
     if self.d_model % self.n_heads:
@@ -232,17 +238,33 @@ class Dense(nn.Module):
   axes: tuple[str, str]
   cfg: ModelConfig
   adapt: bool = False
+  layer: bool = False  # a layer's projection (quantized with cfg.base_quant), not the output head
 
   @nn.compact
   def __call__(self, x_BxTxI: jax.Array) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     leading, width = x_BxTxI.shape[:-1], x_BxTxI.shape[-1]
-    kernel_IxO = self.param(
-      "kernel",
-      nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-      (width, self.features),
-      jnp.dtype(cfg.param_dtype),
-    )
+    if self.layer and cfg.base_quant == "int8":
+      q_IxO = self.param(
+        "kernel_q",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
+        (width, self.features),
+        jnp.int8,
+      )
+      scale_O = self.param(
+        "kernel_scale",
+        nn.with_logical_partitioning(nn.initializers.ones, (self.axes[1],)),
+        (self.features,),
+        jnp.float32,
+      )
+      kernel_IxO = q_IxO.astype(dtype) * scale_O.astype(dtype)
+    else:
+      kernel_IxO = self.param(
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        (width, self.features),
+        jnp.dtype(cfg.param_dtype),
+      )
     x_NxI = x_BxTxI.reshape(-1, width).astype(dtype)
     y_NxO = jnp.dot(x_NxI, kernel_IxO.astype(dtype))
     if self.adapt and (self.is_initializing() or self.has_variable("params", "lora_a")):
@@ -273,7 +295,7 @@ def _dense(
 ) -> jax.Array:
   """A layer's projection `name` (adapted when the config targets it)."""
   adapt = cfg.lora_rank > 0 and name in cfg.lora_targets
-  return Dense(features, axes, cfg, adapt, name=name)(x_BxTxI)
+  return Dense(features, axes, cfg, adapt, layer=True, name=name)(x_BxTxI)
 
 
 class RMSNorm(nn.Module):

@@ -297,7 +297,8 @@ class Rollouts(NamedTuple):
 def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings, model):
   """`(state, ref_params)`: the policy starts as a float32 copy of the reference, which may be held in
   bfloat16. The casts run under jit so both are fresh buffers (the policy's are donated). With lora the
-  policy is the reference's parameters in `lora.base_dtype` plus fresh adapters (`model` has them), and
+  policy is the reference's parameters in `lora.base_dtype` (`lora.prepare_base`) plus fresh
+  adapters (`model` has them), and
   `ref_params` is None: the reference is that base with the adapters off."""
 
   def cast(dtype):
@@ -311,7 +312,11 @@ def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings, m
       lambda key: lora_lib.init_adapters(abstract, key),
       out_shardings=lora_lib.adapters_of(shardings.params),
     )(jax.random.PRNGKey(pcfg.seed + 3))
-    params = lora_lib.combine(cast(jnp.dtype(pcfg.lora.base_dtype)), adapters)
+    base = jax.jit(
+      lambda t: lora_lib.prepare_base(t, pcfg.lora.base_dtype),
+      out_shardings=lora_lib.base_of(shardings.params),
+    )(ref.params)
+    params = lora_lib.combine(base, adapters)
     ref_params = None
   else:
     params, ref_params = cast(jnp.float32), cast(jnp.dtype(pcfg.reference_dtype))

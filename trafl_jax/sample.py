@@ -27,7 +27,7 @@ import jinja2.sandbox
 import numpy as np
 
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import cli, convert, data, jsonl, sampler, sharding
+from trafl_jax import cli, convert, data, jsonl, lora, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 
@@ -97,7 +97,7 @@ def _restore(checkpoint: str, stored, cfg, mesh, rules):
   if stored.scan_layers != cfg.scan_layers:
     target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
   if stored.lora_rank and not convert.is_model_dir(checkpoint):  # adapters, on the run's base
-    base_cfg = dataclasses.replace(as_stored, lora_rank=0, lora_alpha=0.0, lora_targets=())
+    base_cfg = lora.base_config(as_stored)
     params = convert.lora_run_params(
       checkpoint,
       target,

@@ -106,7 +106,7 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
     "k_proj",
     "v_proj",
   )  # any of q_proj k_proj v_proj attn_out ff_proj up_proj ff_out
-  c.lora.base_dtype = "bfloat16"  # the frozen base's parameters: float32 | bfloat16
+  c.lora.base_dtype = "bfloat16"  # the frozen base's parameters: float32 | bfloat16 | int8
 
   # Post-training (TraFL and the baselines) of a reference model.
   c.rl = ml_collections.ConfigDict()

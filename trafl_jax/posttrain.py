@@ -489,6 +489,9 @@ def run(
   steps = jit_steps(model, pcfg, mesh, rules, shardings, ref_shardings)
   body = PostTraining(pcfg, ref, workdir, steps)
   state, body.ref_params = initial_state(ref, pcfg, tx, shardings, model)
+  # The loaded reference is now in the state (and ref_params): drop it, or a lora run would hold its
+  # base twice and a full run the loaded copy beside the policy and reference the memory plan counts.
+  ref.params = None
   scaffold = loop.Loop(
     workdir,
     loop.LoopConfig(

@@ -25,6 +25,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     param_dtype="float32",
     remat="none",
     scan_layers=True,
+    logits_chunk=0,  # score log-probs over chunks of this many positions (no whole-vocab logits)
   )
   return ml_collections.ConfigDict({**values, **PRESETS[preset]})
 
@@ -106,7 +107,7 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
     "k_proj",
     "v_proj",
   )  # any of q_proj k_proj v_proj attn_out ff_proj up_proj ff_out
-  c.lora.base_dtype = "bfloat16"  # the frozen base's parameters: float32 | bfloat16 | int8
+  c.lora.base_dtype = "bfloat16"  # the frozen base's parameters: float32 | bfloat16 | int8 | nf4
 
   # Post-training (TraFL and the baselines) of a reference model.
   c.rl = ml_collections.ConfigDict()

@@ -219,9 +219,8 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
   posttrain.check_rows(pcfg, mesh)
   tx = state_lib.make_optimizer(pcfg.optim)
   abstract_state, shardings = rl.state_shardings(model, tx, pcfg.log_z_lr, pcfg.seed, mesh, rules)
-  ref_dtype = jnp.dtype(pcfg.lora.base_dtype if adapters else pcfg.reference_dtype)
   as_ref = lambda tree: jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), tree
+    lambda a: jax.ShapeDtypeStruct(a.shape, pcfg.reference_dtype, sharding=a.sharding), tree
   )
   if adapters:  # one base (the policy's, in lora.base_dtype) with its adapters; no other reference
     trainable, base = lora.split_trainable(abstract_state.params)
@@ -233,6 +232,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     )
     abstract_state = abstract_state.replace(params=lora.combine(base, trainable))
     abstract_ref = None
+    ref_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(base))
   else:
     abstract_ref = as_ref(abstract_state.params)
   t = prompt_len + pcfg.scfg.gen_length
@@ -314,6 +314,8 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
       config, model, mesh, rules, abstract_state.params, prompt_len, log
     )
   n_params, n_dev = cfg.num_params(), mesh.size
+  if not adapters:
+    ref_bytes = n_params * jnp.dtype(pcfg.reference_dtype).itemsize
   trained = n_params
   if adapters:
     trained = sum(x.size for x in jax.tree.leaves(lora.adapters_of(abstract_state.params)))
@@ -322,7 +324,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     "trained_params": trained,
     # the trained parameters f32 + AdamW's two f32 moments + the reference (with adapters: the one
     # base), spread over every device (FSDP x tensor)
-    "state_and_reference": (trained * 12 + n_params * ref_dtype.itemsize) / n_dev,
+    "state_and_reference": (trained * 12 + ref_bytes) / n_dev,
     "gradients": trained * 4 / n_dev,  # the update's largest temporary besides activations
     # the log Z head and its Adam moments are replicated (2 x D x D weights: 0.4 GiB at D = 4096)
     "log_z_head": per_device_bytes((abstract_state.log_z, abstract_state.log_z_opt_state)),

@@ -95,9 +95,13 @@ def test_sequence_estimator_gives_each_tokens_log_prob_in_the_copy_that_masks_it
     0,
   )
   likelihood = objectives.estimator_of(ocfg).score(MODEL, params, rows, ocfg)
-  apply = lambda p, t, v: MODEL.apply({"params": p}, t, v)  # noqa: E731
   logp_KxNxT = diffusion.masked_token_log_probs(
-    apply, params, rollout.tokens_NxT, rollout.valid_NxT, masks, CFG.mask_token_id
+    objectives.log_prob_fn(MODEL),
+    params,
+    rollout.tokens_NxT,
+    rollout.valid_NxT,
+    masks,
+    CFG.mask_token_id,
   )
   np.testing.assert_array_equal(np.asarray(masks).sum(0), scored)  # each scored token once
   want = np.where(masks[0], logp_KxNxT[0], logp_KxNxT[1])

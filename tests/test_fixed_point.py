@@ -99,7 +99,7 @@ def test_one_token_surrogate_is_the_exact_log_likelihood():
   scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
   masks = diffusion.surrogate_masks(jax.random.PRNGKey(0), scored, "pair", 2)
   logp = diffusion.masked_token_log_probs(
-    lambda p, t, v: MODEL.apply({"params": p}, t, v),
+    objectives.log_prob_fn(MODEL),
     params,
     tokens,
     np.ones_like(tokens, bool),

@@ -125,6 +125,30 @@ def test_scan_remat_and_unrolled_agree(tiny_params):
     np.testing.assert_allclose(base, _apply(remat_cfg, tiny_params, tokens, valid), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 12])
+def test_chunked_log_probs_equal_whole_logits_in_value_and_gradient(tiny_params, chunk):
+  """`logits_chunk` changes how the head's log-probabilities are computed (a rematerialized scan over
+  position chunks, the last one padded when 12 is not a multiple), not what they are."""
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (3, 12), 0, TINY.vocab_size)
+  targets = jax.random.randint(jax.random.PRNGKey(7), (3, 12), 0, TINY.vocab_size)
+  valid = jnp.ones((3, 12), bool).at[1, :4].set(False)
+  chunked = dataclasses.replace(TINY, logits_chunk=chunk)
+  logits = _apply(TINY, tiny_params, tokens, valid)
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+  for cfg in (TINY, chunked):
+    got = _apply(cfg, tiny_params, tokens, valid, targets_BxS=targets)
+    assert got.shape == (3, 12) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+  def grads(cfg):
+    weight = jnp.linspace(0.5, 1.5, 36).reshape(3, 12)
+    score = lambda p: (weight * _apply(cfg, p, tokens, valid, targets_BxS=targets)).sum()  # noqa: E731
+    return jax.grad(score)(tiny_params)
+
+  for a, b in zip(jax.tree.leaves(grads(TINY)), jax.tree.leaves(grads(chunked))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_bad_model_config_names_the_problem():
   with pytest.raises(ValueError, match="n_kv_heads"):
     dataclasses.replace(TINY, n_kv_heads=3)
@@ -132,6 +156,8 @@ def test_bad_model_config_names_the_problem():
     dataclasses.replace(TINY, mask_token_id=64)
   with pytest.raises(ValueError, match="remat"):
     dataclasses.replace(TINY, remat="sometimes")
+  with pytest.raises(ValueError, match="logits_chunk"):
+    dataclasses.replace(TINY, logits_chunk=-1)
 
 
 def test_sharded_and_unsharded_forward_agree(tiny_params):

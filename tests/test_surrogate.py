@@ -27,6 +27,9 @@ def _apply(params, tokens, valid):
   return MODEL.apply({"params": params}, tokens, valid)
 
 
+_LOG_PROBS = objectives.log_prob_fn(MODEL)
+
+
 def _batch(completion_len, eos_at=None, batch=2):
   prompt = np.random.default_rng(0).integers(5, 32, (batch, 5))
   completion = np.random.default_rng(1).integers(5, 32, (batch, completion_len))
@@ -61,7 +64,9 @@ def test_pair_masks_cover_each_scored_token_exactly_once():
 
 
 def _surrogate(params, tokens, valid, masks, scored):
-  logp = diffusion.masked_token_log_probs(_apply, params, tokens, valid, masks, CFG.mask_token_id)
+  logp = diffusion.masked_token_log_probs(
+    _LOG_PROBS, params, tokens, valid, masks, CFG.mask_token_id
+  )
   return diffusion.surrogate_from_log_probs(logp, masks, scored)
 
 
@@ -130,7 +135,7 @@ def test_length_normalize_divides_by_scored_length():
   scored = diffusion.scored_positions(completion, tokens, CFG.eos_token_id)
   masks = diffusion.surrogate_masks(jax.random.PRNGKey(1), scored, "pair", 2)
   logp = diffusion.masked_token_log_probs(
-    _apply, _params(0), tokens, valid, masks, CFG.mask_token_id
+    _LOG_PROBS, _params(0), tokens, valid, masks, CFG.mask_token_id
   )
   raw = diffusion.surrogate_from_log_probs(logp, masks, scored)
   normalized = diffusion.surrogate_from_log_probs(logp, masks, scored, length_normalize=True)
@@ -155,7 +160,7 @@ def test_the_eos_fill_is_masked_and_scored_with_the_answer(score_eos_fill):
   assert masks[:, fill].any() == score_eos_fill  # the fill is masked (predicted) only when scored
   # l is the surrogate over exactly those positions, with those masks.
   logp = diffusion.masked_token_log_probs(
-    _apply, state.params, tokens, valid, masks, CFG.mask_token_id
+    _LOG_PROBS, state.params, tokens, valid, masks, CFG.mask_token_id
   )
   want = diffusion.surrogate_from_log_probs(logp, masks, jnp.asarray(scored))
   np.testing.assert_allclose(np.asarray(prepared.l_old_IxN[0]), np.asarray(want), rtol=1e-5)
@@ -187,7 +192,7 @@ def test_the_product_residual_is_unbiased_for_the_exact_square():
 
     def surrogate(params, idx):
       m = masks[idx]
-      lp = diffusion.masked_token_log_probs(_apply, params, tokens, valid, m, CFG.mask_token_id)
+      lp = diffusion.masked_token_log_probs(_LOG_PROBS, params, tokens, valid, m, CFG.mask_token_id)
       return diffusion.surrogate_from_log_probs(lp, m, scored)[0]
 
     return jnp.stack([surrogate(theta, h) - surrogate(ref, h) for h in halves])

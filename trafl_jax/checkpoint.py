@@ -49,7 +49,7 @@ _MUST_MATCH = (
   ),
 )
 # Model fields that may differ on resume: they change compute, not the stored arrays.
-_MAY_DIFFER = ("dtype", "remat", "scan_layers")
+_MAY_DIFFER = ("dtype", "remat", "scan_layers", "logits_chunk")
 
 
 class CheckpointError(RuntimeError):

@@ -141,14 +141,22 @@ def surrogate_from_log_probs(
   return l_B
 
 
-def masked_token_log_probs(apply_fn, params, tokens_BxT, valid_BxT, masks_KxBxT, mask_id: int):
+def masked_token_log_probs(
+  log_prob_fn, params, tokens_BxT, valid_BxT, masks_KxBxT, mask_id: int
+) -> jax.Array:
   """`log pi(y_j | y with M_k masked)` at every position, for each of the K masks: `KxBxT`.
 
-  The K masked copies run as one batch of B*K rows, batch-major, so a batch sharded over devices stays
-  sharded the same way (K-major rows would force XLA to reshuffle the batch across devices)."""
+  `log_prob_fn(params, inputs_NxT, valid_NxT, targets_NxT)` gives each target's log-probability (the
+  model called with `targets_BxS`). The K masked copies run as one batch of B*K rows, batch-major, so a
+  batch sharded over devices stays sharded the same way (K-major rows would force XLA to reshuffle the
+  batch across devices)."""
   k, b, t = masks_KxBxT.shape
   masks_BxKxT = jnp.swapaxes(masks_KxBxT, 0, 1)
   inputs_BxKxT = apply_mask(jnp.broadcast_to(tokens_BxT[:, None], (b, k, t)), masks_BxKxT, mask_id)
-  logits = apply_fn(params, inputs_BxKxT.reshape(b * k, t), jnp.repeat(valid_BxT, k, axis=0))
-  logp_BxKxT = token_log_probs(logits, jnp.repeat(tokens_BxT, k, axis=0)).reshape(b, k, t)
+  logp_BxKxT = log_prob_fn(
+    params,
+    inputs_BxKxT.reshape(b * k, t),
+    jnp.repeat(valid_BxT, k, axis=0),
+    jnp.repeat(tokens_BxT, k, axis=0),
+  ).reshape(b, k, t)
   return jnp.swapaxes(logp_BxKxT, 0, 1)

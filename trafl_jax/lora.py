@@ -17,9 +17,11 @@ import numpy as np
 from flax import traverse_util
 
 from trafl_jax import model as model_lib
+from trafl_jax import quant
 
 ADAPTERS = ("lora_a", "lora_b")
-BASE_DTYPES = ("float32", "bfloat16", "int8")  # int8: the layers' kernels, the rest bfloat16
+BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
+QUANTIZED = ("int8", "nf4")  # the layers' kernels quantized (quant.py), the rest bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ class LoraConfig:
       lora_rank=self.rank,
       lora_alpha=float(self.alpha),
       lora_targets=self.targets,
-      base_quant="int8" if self.base_dtype == "int8" else "none",
+      base_quant=self.base_dtype if self.base_dtype in QUANTIZED else "none",
     )
 
 
@@ -68,10 +70,10 @@ def base_config(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
 
 
 def prepare_base(params, base_dtype: str):
-  """A full-precision base as a lora run holds it: cast to `base_dtype`, or (int8) every layer kernel
-  quantized per output channel (`kernel_q` int8, `kernel_scale` float32 = max |W| over the input / 127)
-  and the other parameters in bfloat16. Jittable."""
-  if base_dtype != "int8":
+  """A full-precision base as a lora run holds it: cast to `base_dtype`, or (int8, nf4) every layer
+  kernel quantized (`quant.quantize`: `kernel_q` and `kernel_scale`) and the other parameters in
+  bfloat16. Jittable."""
+  if base_dtype not in QUANTIZED:
     return jax.tree.map(lambda x: x.astype(base_dtype), params)
   flat = traverse_util.flatten_dict(params)
   out = {}
@@ -79,22 +81,21 @@ def prepare_base(params, base_dtype: str):
     if path[-1] in ("kernel_q", "kernel_scale"):  # quantized already
       out[path] = x
     elif path[-1] == "kernel" and path[0].startswith("blocks"):
-      w = x.astype(jnp.float32)
-      scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-2), 1e-12) / 127.0
-      out[(*path[:-1], "kernel_q")] = jnp.round(w / scale[..., None, :]).astype(jnp.int8)
-      out[(*path[:-1], "kernel_scale")] = scale
+      q, scale = quant.quantize(base_dtype, x)
+      out[(*path[:-1], "kernel_q")], out[(*path[:-1], "kernel_scale")] = q, scale
     else:
       out[path] = x.astype(jnp.bfloat16)
   return traverse_util.unflatten_dict(out)
 
 
 def _dequantized(flat: dict) -> dict:
-  """`kernel_q`/`kernel_scale` pairs back to float32 kernels."""
+  """`kernel_q`/`kernel_scale` pairs back to float32 kernels (the kind told by `kernel_q`'s dtype)."""
   out = {p: x for p, x in flat.items() if p[-1] not in ("kernel_q", "kernel_scale")}
   for path, q in flat.items():
     if path[-1] == "kernel_q":
       scale = flat[(*path[:-1], "kernel_scale")]
-      out[(*path[:-1], "kernel")] = q.astype(jnp.float32) * scale[..., None, :]
+      kind = "int8" if q.dtype == jnp.int8 else "nf4"
+      out[(*path[:-1], "kernel")] = quant.dequantize(kind, q, scale, jnp.float32)
   return out
 
 

@@ -13,18 +13,21 @@ Dimension legend:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from trafl_jax import diffusion, quant
+
 Dtype = Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # The projections of a layer, by LLaDA's names (what low-rank adapters can target).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
-BASE_QUANT = ("none", "int8")
+BASE_QUANT = ("none", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +47,15 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = True
+  # Score log-probabilities over chunks of this many positions, never holding a whole sequence's
+  # vocabulary-wide logits (`score`); 0 = all positions at once.
+  logits_chunk: int = 0
   # Low-rank adapters (lora.py): rank 0 is none. Set by post-training, never by a checkpoint's shape.
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: tuple[str, ...] = ()
-  # The frozen base's layer projections stored quantized under adapters: "none" | "int8" (per output
-  # channel, symmetric; `kernel_q` int8 and `kernel_scale`, dequantized in the matmul's dtype).
+  # The frozen base's layer projections stored quantized under adapters: "none" | "int8" | "nf4"
+  # (quant.py: `kernel_q` and `kernel_scale`, dequantized in the matmul's dtype).
   base_quant: str = "none"
 
   def __post_init__(self):
@@ -69,6 +75,8 @@ class ModelConfig:
       raise ValueError(f"head_dim {self.d_model // self.n_heads} must be even for RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk {self.logits_chunk} must be >= 0 (0: no chunks)")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
       if not 0 <= getattr(self, name) < self.vocab_size:
         raise ValueError(
@@ -101,7 +109,7 @@ SHAPE_FIELDS = (
   "rope_theta",
   "rms_norm_eps",
 )
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "logits_chunk")
 FOLLOW = -1
 
 
@@ -186,6 +194,7 @@ class ModelSettings:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = True
+  logits_chunk: int = 0
 
   def __post_init__(self):
     unknown = sorted({k for k, _ in self.shape} - set(SHAPE_FIELDS))
@@ -244,20 +253,22 @@ class Dense(nn.Module):
   def __call__(self, x_BxTxI: jax.Array) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     leading, width = x_BxTxI.shape[:-1], x_BxTxI.shape[-1]
-    if self.layer and cfg.base_quant == "int8":
-      q_IxO = self.param(
+    if self.layer and cfg.base_quant != "none":
+      shapes = quant.quant_shapes(cfg.base_quant, width, self.features)
+      (q_shape, q_dtype), (scale_shape, _) = shapes["kernel_q"], shapes["kernel_scale"]
+      q = self.param(
         "kernel_q",
         nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
-        (width, self.features),
-        jnp.int8,
+        q_shape,
+        jnp.dtype(q_dtype),
       )
-      scale_O = self.param(
+      scale = self.param(
         "kernel_scale",
-        nn.with_logical_partitioning(nn.initializers.ones, (self.axes[1],)),
-        (self.features,),
+        nn.with_logical_partitioning(nn.initializers.ones, self.axes[-len(scale_shape) :]),
+        scale_shape,
         jnp.float32,
       )
-      kernel_IxO = q_IxO.astype(dtype) * scale_O.astype(dtype)
+      kernel_IxO = quant.dequantize(cfg.base_quant, q, scale, dtype)
     else:
       kernel_IxO = self.param(
         "kernel",
@@ -410,6 +421,10 @@ def _remat_policy(name: str):
 class Transformer(nn.Module):
   """`(tokens_BxT, valid_BxT) -> logits_BxTxV` (float32), optionally with final hidden states.
 
+  Given `targets_BxS`, it returns `log softmax(logits)[target]` (`[B, S]`, float32) instead: over
+  chunks of `cfg.logits_chunk` positions when that is set (a `lax.scan` whose body is rematerialized,
+  so neither pass holds more than one chunk's vocabulary-wide logits), else from the whole logits.
+
   `logits_from` (static) computes logits only for positions `logits_from:` (the sampler needs the
   completion's logits, not the prompt's: the head is the largest matmul at LLaDA's vocabulary size).
 
@@ -431,6 +446,7 @@ class Transformer(nn.Module):
     cache_kv=None,
     start=0,
     return_kv: bool = False,
+    targets_BxS: jax.Array | None = None,
   ):
     cfg = self.cfg
     embedding_VxD = self.param(
@@ -469,12 +485,47 @@ class Transformer(nn.Module):
     if logits_from:
       hidden_BxSxD = hidden_BxSxD[:, logits_from:]
     # The output head (LLaDA names it ff_out too) is never adapted.
-    logits_BxSxV = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="ff_out")(hidden_BxSxD)
-    logits_BxSxV = nn.with_logical_constraint(
-      logits_BxSxV.astype(jnp.float32), ("batch", "length", "vocab")
-    )
-    out = (logits_BxSxV, hidden_BxSxD) if return_hidden else logits_BxSxV
+    head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="ff_out")
+    if targets_BxS is not None and cfg.logits_chunk and not self.is_initializing():
+      kernel_DxV = nn.unbox(head.variables["params"]["kernel"])
+      logits_of = functools.partial(_head_logits, kernel_DxV=kernel_DxV, dtype=jnp.dtype(cfg.dtype))
+      out = _chunked_log_probs(logits_of, hidden_BxSxD, targets_BxS, cfg.logits_chunk)
+    else:
+      logits_BxSxV = nn.with_logical_constraint(
+        head(hidden_BxSxD).astype(jnp.float32), ("batch", "length", "vocab")
+      )
+      if targets_BxS is not None:
+        out = diffusion.token_log_probs(logits_BxSxV, targets_BxS)
+      else:
+        out = (logits_BxSxV, hidden_BxSxD) if return_hidden else logits_BxSxV
     return (out, kv) if return_kv else out
+
+
+def _head_logits(hidden_BxCxD, kernel_DxV, dtype) -> jax.Array:
+  """The output head as `Dense` computes it, on a kernel given as an array (float32 logits)."""
+  b, c, d = hidden_BxCxD.shape
+  logits = jnp.dot(hidden_BxCxD.reshape(b * c, d).astype(dtype), kernel_DxV.astype(dtype))
+  return nn.with_logical_constraint(
+    logits.reshape(b, c, -1).astype(jnp.float32), ("batch", "length", "vocab")
+  )
+
+
+def _chunked_log_probs(logits_of, hidden_BxSxD, targets_BxS, chunk: int) -> jax.Array:
+  """`log softmax(logits_of(hidden))[target]` over chunks of `chunk` positions (the last one padded)."""
+  b, s, d = hidden_BxSxD.shape
+  n = -(-s // chunk)
+  pad = n * chunk - s
+  hidden_NxBxCxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
+  hidden_NxBxCxD = hidden_NxBxCxD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_NxBxC = jnp.pad(targets_BxS, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(carry, xs):
+    h_BxCxD, t_BxC = xs
+    return carry, diffusion.token_log_probs(logits_of(h_BxCxD), t_BxC)
+
+  _, logp_NxBxC = jax.lax.scan(one, None, (hidden_NxBxCxD, targets_NxBxC))
+  return logp_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
 
 
 def restack(params, n_layers: int, scan_layers: bool):

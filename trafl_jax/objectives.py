@@ -457,14 +457,18 @@ def _draw_masked_copies(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
   return masks, rollout.tokens_NxT
 
 
-def _apply_fn(model):
-  return lambda params, tokens, valid: model.apply({"params": params}, tokens, valid)
+def log_prob_fn(model):
+  """`(params, tokens, valid, targets) -> log-probabilities of the targets` (in chunks when the model
+  config's `logits_chunk` says so)."""
+  return lambda params, tokens, valid, targets: model.apply(
+    {"params": params}, tokens, valid, targets_BxS=targets
+  )
 
 
 def _score_masked_copies(model, params, rows: Rows, ocfg) -> Likelihood:
   """`l(y|x)`: the surrogate over the K masked copies (TraFL, elbo_grpo, wd1)."""
   logp_KxNxT = diffusion.masked_token_log_probs(
-    _apply_fn(model),
+    log_prob_fn(model),
     params,
     rows.tokens_NxT,
     rows.valid_NxT,
@@ -503,8 +507,7 @@ def _draw_one_step(key, rollout: Rollout, scored_NxT, ocfg, mask_id: int):
 def _score_one_step(model, params, rows: Rows, ocfg) -> Likelihood:
   """Per-token log-probabilities of one pass with the completion masked (diffu-GRPO)."""
   del ocfg
-  logits = model.apply({"params": params}, rows.inputs_NxT, rows.valid_NxT)
-  logp_NxT = diffusion.token_log_probs(logits, rows.tokens_NxT)
+  logp_NxT = log_prob_fn(model)(params, rows.inputs_NxT, rows.valid_NxT, rows.tokens_NxT)
   l_N = jnp.where(rows.scored_NxT, logp_NxT, 0.0).sum(-1)
   return Likelihood(l_N, logp_NxT, jnp.stack([l_N, l_N]))
 

@@ -30,6 +30,7 @@ def test_rl_bench_with_adapters_trains_less_and_holds_one_base():
   assert adapted["state_bytes"] < full["state_bytes"] / 2  # no reference copy, no base moments
   for result in (full, adapted):
     assert result["update_s"] > 0 and result["update_peak_bytes"] > 0
+  assert adapted["sample_merged_s"] > 0 and "sample_merged_s" not in full  # merged vs unmerged
 
 
 def test_rl_step_flops_count_the_masked_copies():

@@ -275,7 +275,8 @@ def bench_rl(
   completions) and the update(s), with random weights and prompts, through the jitted functions the
   post-training loop uses (`rl.jit_steps`, `sampler.make_generate_fn`), and the compiled per-device
   memory of prepare and update. `lora_rank`: d1's adapters (q, k, v; alpha = rank / 2) on a base in
-  the compute dtype, the reference the base with them off."""
+  the compute dtype, the reference the base with them off; the sampler then also timed on the adapters
+  merged into the base (`sample_merged_s`, the merge included)."""
   cfg, model = _model(preset, dtype, remat)
   adapters = (
     lora.LoraConfig(rank=lora_rank, alpha=lora_rank / 2) if lora_rank else lora.LoraConfig()
@@ -327,6 +328,11 @@ def bench_rl(
       memory = posttrain.compiled_memory(fn.lower(*args).compile())
       out[f"{name}_peak_bytes"] = memory["argument"] + memory["output"] - memory["alias"]
       out[f"{name}_peak_bytes"] += memory["temp"]
+  if lora_rank:
+    merged = _merged_generate(model, scfg, mesh, rules, shardings.params)
+    out["sample_merged_s"] = _best_time(
+      lambda: sharding.to_host(merged(state.params, prompt, valid).completion_BxL), repeats + 1
+    )
   trained = lora.split_trainable(state.params)[0]
   seq_len = prompt_len + scfg.gen_length
   sample_flops = scfg.steps * model_lib.forward_flops(cfg, n, seq_len, logits_len=scfg.gen_length)
@@ -351,6 +357,18 @@ def bench_rl(
     "sample_flops_per_s": sample_flops / out["sample_s"],
     "update_flops_per_s": update_flops / out["update_s"],
   }
+
+
+def _merged_generate(model, scfg: sampler.SamplerConfig, mesh, rules, param_shardings):
+  """`(params with adapters, prompt, valid) -> Generation` of the other way to sample an adapted model:
+  every adapter folded into its kernel first (`lora.merged`, once per rollout batch, timed with it),
+  then the base model's sampler."""
+  merge = jax.jit(
+    functools.partial(lora.merged, cfg=model.cfg), out_shardings=lora.base_of(param_shardings)
+  )
+  base = model_lib.Transformer(lora.base_config(model.cfg))
+  generate = sampler.make_generate_fn(base, scfg, mesh, rules, lora.base_of(param_shardings))
+  return lambda params, prompt, valid: generate(merge(params), prompt, valid, jax.random.PRNGKey(3))
 
 
 def _rl_state(model, dtype: str, mesh, rules):

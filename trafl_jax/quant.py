@@ -84,8 +84,10 @@ def dequantize(kind: str, q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
   if kind == "int8":
     return q.astype(dtype) * scale.astype(dtype)[..., None, :]
   *lead, half, features = q.shape
-  codes = jnp.stack([q & 0xF, q >> 4], axis=-2).reshape(*lead, 2 * half, features)
-  values = jnp.take(jnp.asarray(NF4, dtype), codes.astype(jnp.int32), axis=0)
+  # Each nibble looked up in `dtype` from the uint8 codes directly (no wider index array).
+  table = jnp.asarray(NF4, dtype)
+  values = jnp.stack([jnp.take(table, q & 0xF, axis=0), jnp.take(table, q >> 4, axis=0)], axis=-2)
+  values = values.reshape(*lead, 2 * half, features)
   n_blocks = scale.shape[-2]
   values = values.reshape(*lead, n_blocks, 2 * half // n_blocks, features)
   return (values * scale.astype(dtype)[..., None, :]).reshape(*lead, 2 * half, features)

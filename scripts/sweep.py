@@ -132,6 +132,15 @@ SETTINGS: dict[str, dict] = {
     "rl.train_limit": 200,
     "rl.problems_seed": 0,
   },
+  # The same, three times as long: its tilt was still rising at step 200 (0 -> ~0.4, noisy).
+  "p200_bounded_b32_lr3e-4_600": {
+    "rl.lr": 3e-4,
+    "rl.log_z_bounded": True,
+    "rl.prompts_per_step": 32,
+    "rl.train_limit": 200,
+    "rl.problems_seed": 0,
+    "rl.num_steps": 600,
+  },
   "p200_diffu_grpo_d1_lr3e-5": {
     "variant": "d1",
     "rl.objective": "diffu_grpo",

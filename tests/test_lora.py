@@ -16,6 +16,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors import numpy as st_numpy
 
+from configs import common
 from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
 from trafl_jax import (
@@ -28,8 +29,10 @@ from trafl_jax import (
   pipeline,
   quant,
   sample,
+  sharding,
 )
 from trafl_jax import model as model_lib
+from trafl_jax import state as state_lib
 
 LORA = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "ff_out"))
 
@@ -127,6 +130,29 @@ def test_a_quantized_base_is_within_its_tolerance_of_bfloat16(kind, q_dtype, tol
     quantized_logits,
     atol=1e-4,
   )
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "nf4"])
+def test_the_base_is_prepared_on_the_host_and_placed_sharded(kind):
+  """`place_base` (what post-training does with the reference it loaded into host memory) gives
+  `prepare_base`'s arrays, each on its sharding of a (2, 4) mesh (fsdp x tensor)."""
+  base_cfg = model_lib.ModelConfig(**model_lib.PRESETS["tiny"])
+  cfg = lora.LoraConfig(**LORA, base_dtype=kind).adapt(base_cfg)
+  _, full = _tiny_params(base_cfg)
+  host = jax.device_put(full, jax.local_devices(backend="cpu")[0])
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  rules = sharding.rules_from_config(common.sharding_rules().to_dict())
+  _, shardings = state_lib.param_target(model_lib.Transformer(cfg), mesh, rules)
+  placed = traverse_util.flatten_dict(lora.place_base(host, kind, lora.base_of(shardings)))
+  want = traverse_util.flatten_dict(lora.prepare_base(full, kind))
+  target = traverse_util.flatten_dict(lora.base_of(shardings))
+  assert set(placed) == set(want) == set(target)
+  for path, x in placed.items():
+    assert x.dtype == want[path].dtype and x.sharding == target[path], path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(want[path]))
+  assert placed[
+    ("blocks", "attn", "q_proj", "kernel" if kind == "bfloat16" else "kernel_q")
+  ].sharding.spec[1:] == ("fsdp", "tensor")
 
 
 def test_nf4_codes_are_the_nearest_code_book_value_of_each_block():

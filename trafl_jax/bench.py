@@ -427,7 +427,8 @@ def main(argv):
       **_modes(),
     )
     peak, peak_dtype = _peak(_DTYPE.value)
-    ranks = (0, _LORA.value) if _LORA.value else (0,)
+    # Adapters first: their line is printed even where full post-training then runs out of memory.
+    ranks = (_LORA.value, 0) if _LORA.value else (0,)
     for objective, rank in itertools.product(_OBJECTIVE.value, ranks):
       result = bench_rl(
         _PRESET.value,

@@ -17,7 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from trafl_jax import model as model_lib
-from trafl_jax import quant
+from trafl_jax import quant, sharding
 
 ADAPTERS = ("lora_a", "lora_b")
 BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
@@ -85,6 +85,22 @@ def prepare_base(params, base_dtype: str):
       out[(*path[:-1], "kernel_q")], out[(*path[:-1], "kernel_scale")] = q, scale
     else:
       out[path] = x.astype(jnp.bfloat16)
+  return traverse_util.unflatten_dict(out)
+
+
+def place_base(host_params, base_dtype: str, shardings):
+  """`prepare_base` one tensor at a time where the full-precision base is (host memory), each result
+  then placed on its devices (`shardings`: `base_of` the state's): the accelerators never hold the
+  full-precision base, only what the run keeps (a 16 GB chip cannot hold LLaDA-8B in bfloat16 and its
+  quantized copy at once). Every process holds the whole base on its host."""
+  flat = traverse_util.flatten_dict(host_params)
+  target = traverse_util.flatten_dict(shardings)
+  one = jax.jit(prepare_base, static_argnums=1)
+  out = {}
+  for path, x in flat.items():
+    prepared = one(traverse_util.unflatten_dict({path: x}), base_dtype)
+    for leaf, y in traverse_util.flatten_dict(prepared).items():  # a kernel: kernel_q, kernel_scale
+      out[leaf] = sharding.to_global(np.asarray(jax.device_get(y)), target[leaf])
   return traverse_util.unflatten_dict(out)
 
 

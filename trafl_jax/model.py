@@ -264,7 +264,10 @@ class Dense(nn.Module):
       )
       scale = self.param(
         "kernel_scale",
-        nn.with_logical_partitioning(nn.initializers.ones, self.axes[-len(scale_shape) :]),
+        # Sharded like the output channels; an nf4 block axis is replicated (it can be too short).
+        nn.with_logical_partitioning(
+          nn.initializers.ones, (None,) * (len(scale_shape) - 1) + (self.axes[1],)
+        ),
         scale_shape,
         jnp.float32,
       )

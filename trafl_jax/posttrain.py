@@ -312,10 +312,8 @@ def initial_state(ref: sample.Generator, pcfg: PostTrainConfig, tx, shardings, m
       lambda key: lora_lib.init_adapters(abstract, key),
       out_shardings=lora_lib.adapters_of(shardings.params),
     )(jax.random.PRNGKey(pcfg.seed + 3))
-    base = jax.jit(
-      lambda t: lora_lib.prepare_base(t, pcfg.lora.base_dtype),
-      out_shardings=lora_lib.base_of(shardings.params),
-    )(ref.params)
+    # The reference was loaded into host memory: only the prepared base reaches the devices.
+    base = lora_lib.place_base(ref.params, pcfg.lora.base_dtype, lora_lib.base_of(shardings.params))
     params = lora_lib.combine(base, adapters)
     ref_params = None
   else:
@@ -472,7 +470,9 @@ def run(
   `run_config` (the run's config as JSON values) is recorded with the model it actually ran."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  ref = sample.Generator.load(reference, settings=settings, layout=layout)
+  ref = sample.Generator.load(
+    reference, settings=settings, layout=layout, on_host=pcfg.lora.enabled
+  )
   mesh, rules = ref.mesh, ref.rules
   model = model_lib.Transformer(pcfg.lora.adapt(ref.cfg))  # the policy's (with its adapters)
   run_config = loop.with_model(run_config, model.cfg)

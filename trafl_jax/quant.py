@@ -8,8 +8,9 @@
   `[I/block, O]`. The scales are not quantized again (QLoRA's double quantization): 0.5 bit a weight
   more, 4.5 in all.
 
-Both keep the kernel's `[..., I, O]` layout (leading axes are the scanned layers), so the sharding rules
-of the kernel apply to `kernel_q` and `kernel_scale` as they are.
+Both keep the kernel's `[..., I, O]` layout (leading axes are the scanned layers): `kernel_q` is sharded
+as the kernel, `kernel_scale` along the output channels only (an nf4 block axis, I/64, can be shorter than
+the mesh axis the input is sharded on).
 """
 
 from __future__ import annotations

@@ -88,14 +88,24 @@ def _chat_template(tokenizer_file: str):
   return env.from_string(template), bos
 
 
-def _restore(checkpoint: str, stored, cfg, mesh, rules):
-  """The checkpoint's parameters in `cfg`'s dtype and layer layout, sharded by `rules` on `mesh`. A
-  stored layer layout other than the config's (`scan_layers`) is restacked on the devices. A lora
-  run's checkpoint (adapters only) comes with its base (`convert.lora_run_params`)."""
-  target, shardings = state_lib.param_target(model_lib.Transformer(cfg), mesh, rules)
+def _restore(checkpoint: str, stored, cfg, mesh, rules, on_host: bool = False):
+  """The checkpoint's parameters in `cfg`'s dtype and layer layout, sharded by `rules` on `mesh` (or,
+  `on_host`, whole in this process's host memory: a CPU device). A stored layer layout other than the
+  config's (`scan_layers`) is restacked. A lora run's checkpoint (adapters only) comes with its base
+  (`convert.lora_run_params`)."""
+
+  def targets(model_cfg):
+    target, shardings = state_lib.param_target(model_lib.Transformer(model_cfg), mesh, rules)
+    if on_host:
+      host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+      shardings = jax.tree.map(lambda _: host, shardings)
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), target)
+    return target, shardings
+
+  target, shardings = targets(cfg)
   as_stored = dataclasses.replace(cfg, scan_layers=stored.scan_layers)
   if stored.scan_layers != cfg.scan_layers:
-    target, _ = state_lib.param_target(model_lib.Transformer(as_stored), mesh, rules)
+    target, _ = targets(as_stored)
   if stored.lora_rank and not convert.is_model_dir(checkpoint):  # adapters, on the run's base
     base_cfg = lora.base_config(as_stored)
     params = convert.lora_run_params(
@@ -141,11 +151,14 @@ class Generator:
     *,
     settings: model_lib.ModelSettings | None = None,
     layout: sharding.Layout | None = None,
+    on_host: bool = False,
   ) -> Generator:
     """Loads any checkpoint `trafl_jax` reads: a workdir or step dir of a run, a converted directory,
     or a Hugging Face LLaDA directory. The checkpoint gives the model's shape; `settings` (a run's
     config) how it is computed, its shape fields checked against the checkpoint's (default: as stored);
-    `dtype` overrides the compute dtype; `layout` the mesh and rules (default: data parallel)."""
+    `dtype` overrides the compute dtype; `layout` the mesh and rules (default: data parallel).
+    `on_host` keeps the parameters in host memory (what post-training with adapters prepares its base
+    from: `lora.place_base`); such a generator cannot sample until they are placed."""
     if not os.path.exists(checkpoint):
       raise ValueError(f"checkpoint {checkpoint} does not exist")
     stored = convert.model_config_from_dir(checkpoint)
@@ -155,7 +168,7 @@ class Generator:
     tok, tokenizer_file = find_tokenizer(checkpoint, cfg, tokenizer)
     layout = layout or sharding.Layout()
     mesh = layout.make_mesh()
-    params = _restore(checkpoint, stored, cfg, mesh, layout.rules)
+    params = _restore(checkpoint, stored, cfg, mesh, layout.rules, on_host)
     return cls(cfg, params, tok, mesh, layout.rules, tokenizer_file, source=checkpoint)
 
   def _require_tokenizer(self):

@@ -36,7 +36,25 @@ SIDE_FILES = TOKENIZER_FILES + (
   "generation_config.json",
   "configuration_llada.py",
   "modeling_llada.py",
+  "configuration_dream.py",
+  "modeling_dream.py",
+  "generation_utils.py",
 )
+# A family's remote code, when the source directory has it: config.json's auto_map.
+_AUTO_MAPS = {
+  "llada": (
+    {"configuration_llada.py", "modeling_llada.py"},
+    {
+      "AutoConfig": "configuration_llada.LLaDAConfig",
+      "AutoModel": "modeling_llada.LLaDAModelLM",
+      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    },
+  ),
+  "dream": (
+    {"configuration_dream.py", "modeling_dream.py"},
+    {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+  ),
+}
 
 
 def _require_empty(path: str) -> None:
@@ -90,12 +108,9 @@ def write_hf(
       json.dump(index, f, indent=2)
   config = hf_format.hf_config_dict(cfg)
   config["torch_dtype"] = next(iter(tensors.values())).dtype.name
-  if {"configuration_llada.py", "modeling_llada.py"} <= set(_copy_side_files(src_dir, dst_dir)):
-    config["auto_map"] = {
-      "AutoConfig": "configuration_llada.LLaDAConfig",
-      "AutoModel": "modeling_llada.LLaDAModelLM",
-      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-    }
+  code, auto_map = _AUTO_MAPS[cfg.family]
+  if code <= set(_copy_side_files(src_dir, dst_dir)):
+    config["auto_map"] = auto_map
   # Last, so that a directory interrupted mid-write is not taken for a complete model.
   with open(os.path.join(dst_dir, hf_format.CONFIG_JSON), "w") as f:
     json.dump(config, f, indent=2)
@@ -192,8 +207,8 @@ def orbax_to_hf(
   max_shard_bytes=DEFAULT_SHARD_BYTES,
   merge_lora: bool = False,
 ):
-  """Our checkpoint as a Hugging Face LLaDA directory; a lora run's with its adapters merged into the
-  kernels (`merge_lora`, required for one)."""
+  """Our checkpoint as a Hugging Face directory of its family (LLaDA or Dream); a lora run's with its
+  adapters merged into the kernels (`merge_lora`, required for one)."""
   _require_empty(dst)
   if hf_format.is_hf_dir(src) and not os.path.isfile(os.path.join(src, MODEL_CONFIG_JSON)):
     raise ValueError(

@@ -1,4 +1,5 @@
-"""The Hugging Face LLaDA checkpoint format: tensor names <-> our params tree, config.json <-> ModelConfig.
+"""The Hugging Face checkpoint formats of LLaDA and Dream: tensor names <-> our params tree, config.json
+<-> ModelConfig (the family from `model_type`).
 
 Reading an HF directory (single-file or sharded safetensors) into our params lives here, below both
 `checkpoint` (which loads HF directories as `init_checkpoint`) and `convert` (which writes converted
@@ -47,6 +48,31 @@ _TOP_MAP = (
   ("ln_f.weight", ("ln_f", "scale"), "D", False),
   ("ff_out.weight", ("ff_out", "kernel"), "VD", True),  # the untied output head
 )
+# Dream (Qwen2's names; DiffuCoder is Dream-shaped): N = n_heads * head_dim = D. Biases are [out].
+_DREAM_BLOCK_MAP = (
+  ("input_layernorm.weight", ("attn_norm", "scale"), "D", False),
+  ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), "DD", True),
+  ("self_attn.q_proj.bias", ("attn", "q_proj", "bias"), "D", False),
+  ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), "KD", True),
+  ("self_attn.k_proj.bias", ("attn", "k_proj", "bias"), "K", False),
+  ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), "KD", True),
+  ("self_attn.v_proj.bias", ("attn", "v_proj", "bias"), "K", False),
+  ("self_attn.o_proj.weight", ("attn", "attn_out", "kernel"), "DD", True),
+  ("post_attention_layernorm.weight", ("ff_norm", "scale"), "D", False),
+  ("mlp.gate_proj.weight", ("mlp", "ff_proj", "kernel"), "FD", True),
+  ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "FD", True),
+  ("mlp.down_proj.weight", ("mlp", "ff_out", "kernel"), "DF", True),
+)
+_DREAM_TOP_MAP = (
+  ("model.embed_tokens.weight", ("wte",), "VD", False),
+  ("model.norm.weight", ("ln_f", "scale"), "D", False),
+  ("lm_head.weight", ("ff_out", "kernel"), "VD", True),  # absent when tied to the embedding
+)
+# family -> (top-level name prefix, a block's name prefix, block map, top map: embedding first).
+_LAYOUTS = {
+  "llada": (PREFIX, PREFIX + "blocks.{i}.", _BLOCK_MAP, _TOP_MAP),
+  "dream": ("", "model.layers.{i}.", _DREAM_BLOCK_MAP, _DREAM_TOP_MAP),
+}
 # LLaDAConfig fields that would change the computation: field -> the values this model implements.
 _SUPPORTED = {
   "activation_type": (None, "silu", "swiglu"),
@@ -68,20 +94,29 @@ def _natural_key(name: str):
 
 
 def _mapping(cfg: model_lib.ModelConfig):
-  """Yields (hf name, flax path, layer index on the stacked axis or None, torch shape, transposed)."""
+  """Yields (hf name, flax path, layer index on the stacked axis or None, torch shape, transposed),
+  in the layout of the model's family (biases only with `qkv_bias`, no head when it is tied)."""
   dims = dict(D=cfg.d_model, K=cfg.n_kv_heads * cfg.head_dim, F=cfg.mlp_hidden, V=cfg.vocab_size)
   shape = lambda spec: tuple(dims[c] for c in spec)
-  name, path, spec, transposed = _TOP_MAP[0]
-  yield PREFIX + name, path, None, shape(spec), transposed
+  prefix, block_prefix, block_map, top_map = _LAYOUTS[cfg.family]
+  keep = lambda path: (
+    (path[-1] != "bias" or cfg.qkv_bias)
+    and not (cfg.tie_embeddings and path == ("ff_out", "kernel"))
+  )
+  name, path, spec, transposed = top_map[0]
+  yield prefix + name, path, None, shape(spec), transposed
   for i in range(cfg.n_layers):
-    for name, path, spec, transposed in _BLOCK_MAP:
-      hf_name = f"{PREFIX}blocks.{i}.{name}"
+    for name, path, spec, transposed in block_map:
+      if not keep(path):
+        continue
+      hf_name = block_prefix.format(i=i) + name
       if cfg.scan_layers:
         yield hf_name, ("blocks", *path), i, shape(spec), transposed
       else:
         yield hf_name, (f"blocks_{i}", *path), None, shape(spec), transposed
-  for name, path, spec, transposed in _TOP_MAP[1:]:
-    yield PREFIX + name, path, None, shape(spec), transposed
+  for name, path, spec, transposed in top_map[1:]:
+    if keep(path):
+      yield prefix + name, path, None, shape(spec), transposed
 
 
 def hf_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -297,10 +332,57 @@ def _wte_rows(hf_dir: str) -> int | None:
   return None
 
 
+def family_of(c: dict, path: str) -> str:
+  """The model family a `config.json` describes, from its `model_type` (LLaDA's may lack one)."""
+  model_type = c.get("model_type")
+  for family, name in model_lib.FAMILIES.items():
+    if model_type is None and family == "llada" or model_type == name:
+      return family
+  raise ValueError(
+    f"{path}: model_type {model_type!r} is not a family this code reads "
+    f"({sorted(model_lib.FAMILIES.values())})"
+  )
+
+
+def _dream_config(c: dict, path: str) -> dict:
+  """ModelConfig fields from a Dream `config.json` (Qwen2's field names)."""
+  bad = [
+    f"{k}={c.get(k)!r}"
+    for k, ok in (("hidden_act", (None, "silu")), ("rope_scaling", (None,)))
+    if c.get(k) not in ok
+  ]
+  if bad:
+    raise ValueError(f"{path}: unsupported Dream settings (this model has no such variant): {bad}")
+  need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+  missing = [k for k in (*need, "vocab_size", "mask_token_id", "eos_token_id") if c.get(k) is None]
+  if missing:
+    raise ValueError(f"{path}: missing fields {missing}")
+  return dict(
+    vocab_size=c["vocab_size"],
+    d_model=c["hidden_size"],
+    n_layers=c["num_hidden_layers"],
+    n_heads=c["num_attention_heads"],
+    n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+    mlp_hidden=c["intermediate_size"],
+    mask_token_id=c["mask_token_id"],
+    eos_token_id=c["eos_token_id"],
+    pad_token_id=c["eos_token_id"] if c.get("pad_token_id") is None else c["pad_token_id"],
+    rope_theta=float(c.get("rope_theta") or 10000.0),
+    rms_norm_eps=float(c.get("rms_norm_eps") or 1e-6),
+    family="dream",
+    qkv_bias=True,
+    tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    shift_logits=True,
+  )
+
+
 def model_config_from_hf(hf_dir: str, **overrides) -> model_lib.ModelConfig:
-  """ModelConfig from a LLaDA `config.json`; `overrides` set the compute-only fields (dtype, ...)."""
+  """ModelConfig from a LLaDA or Dream `config.json` (the family from its `model_type`); `overrides`
+  set the compute-only fields (dtype, ...)."""
   path = os.path.join(hf_dir, CONFIG_JSON)
   c = read_json(path)
+  if family_of(c, path) == "dream":
+    return model_lib.ModelConfig(**{**_dream_config(c, path), **overrides})
   bad = [f"{k}={c.get(k)!r}" for k, ok in _SUPPORTED.items() if c.get(k) not in ok]
   if bad:
     raise ValueError(f"{path}: unsupported LLaDA settings (this model has no such variant): {bad}")
@@ -333,8 +415,32 @@ def model_config_from_hf(hf_dir: str, **overrides) -> model_lib.ModelConfig:
   return model_lib.ModelConfig(**{**fields, **overrides})
 
 
+def _dream_config_dict(cfg: model_lib.ModelConfig) -> dict:
+  return {
+    "architectures": ["DreamModel"],
+    "model_type": "Dream",
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_hidden,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "vocab_size": cfg.vocab_size,
+    "rope_theta": cfg.rope_theta,
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "hidden_act": "silu",
+    "rope_scaling": None,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "mask_token_id": cfg.mask_token_id,
+    "eos_token_id": cfg.eos_token_id,
+    "pad_token_id": cfg.pad_token_id,
+    "use_cache": False,
+  }
+
+
 def hf_config_dict(cfg: model_lib.ModelConfig) -> dict:
-  """The LLaDA `config.json` for `cfg` (the inverse of `model_config_from_hf`)."""
+  """The family's `config.json` for `cfg` (the inverse of `model_config_from_hf`)."""
+  if cfg.family == "dream":
+    return _dream_config_dict(cfg)
   return {
     "architectures": ["LLaDAModelLM"],
     "model_type": "llada",

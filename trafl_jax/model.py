@@ -43,6 +43,14 @@ class ModelConfig:
   pad_token_id: int = 0
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-5
+  # The family's differences (FAMILIES): LLaDA has none of them; Dream (a Qwen2 decoder used
+  # bidirectionally) biases q/k/v, may tie the head to the embedding, and predicts token i from
+  # position i - 1 (`shift_logits`: the logits at i are the head of position i - 1's hidden state;
+  # position 0 keeps its own).
+  family: str = "llada"
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  shift_logits: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -75,6 +83,8 @@ class ModelConfig:
       raise ValueError(f"head_dim {self.d_model // self.n_heads} must be even for RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.family not in FAMILIES:
+      raise ValueError(f"model family {self.family!r} is not one of {sorted(FAMILIES)}")
     if self.logits_chunk < 0:
       raise ValueError(f"logits_chunk {self.logits_chunk} must be >= 0 (0: no chunks)")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
@@ -108,7 +118,13 @@ SHAPE_FIELDS = (
   "pad_token_id",
   "rope_theta",
   "rms_norm_eps",
+  "family",
+  "qkv_bias",
+  "tie_embeddings",
+  "shift_logits",
 )
+# Model families: the Hugging Face `model_type` each converts from and to.
+FAMILIES = {"llada": "llada", "dream": "Dream"}
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "logits_chunk")
 FOLLOW = -1
 
@@ -164,6 +180,23 @@ PRESETS = {
     eos_token_id=3,
     pad_token_id=0,
     rope_theta=500000.0,
+  ),
+  # A Dream-family model for tests (a Qwen2 decoder used bidirectionally, shifted predictions).
+  "dream_tiny": dict(
+    vocab_size=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden=128,
+    mask_token_id=4,
+    eos_token_id=3,
+    pad_token_id=0,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    family="dream",
+    qkv_bias=True,
+    shift_logits=True,
   ),
   "llada_8b": dict(
     vocab_size=126464,
@@ -248,6 +281,7 @@ class Dense(nn.Module):
   cfg: ModelConfig
   adapt: bool = False
   layer: bool = False  # a layer's projection (quantized with cfg.base_quant), not the output head
+  use_bias: bool = False  # `x @ W + b` (Dream's q/k/v; `bias` [O], never quantized or adapted)
 
   @nn.compact
   def __call__(self, x_BxTxI: jax.Array) -> jax.Array:
@@ -301,15 +335,28 @@ class Dense(nn.Module):
       )
       low_NxR = jnp.dot(x_NxI, a_IxR.astype(dtype))
       y_NxO = y_NxO + (cfg.lora_alpha / r) * jnp.dot(low_NxR, b_RxO.astype(dtype))
+    if self.use_bias:
+      bias_O = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+        (self.features,),
+        jnp.dtype(cfg.param_dtype),
+      )
+      y_NxO = y_NxO + bias_O.astype(dtype)
     return y_NxO.reshape(*leading, self.features)
 
 
 def _dense(
-  x_BxTxI: jax.Array, features: int, axes: tuple[str, str], cfg: ModelConfig, name: str
+  x_BxTxI: jax.Array,
+  features: int,
+  axes: tuple[str, str],
+  cfg: ModelConfig,
+  name: str,
+  bias: bool = False,
 ) -> jax.Array:
   """A layer's projection `name` (adapted when the config targets it)."""
   adapt = cfg.lora_rank > 0 and name in cfg.lora_targets
-  return Dense(features, axes, cfg, adapt, layer=True, name=name)(x_BxTxI)
+  return Dense(features, axes, cfg, adapt, layer=True, use_bias=bias, name=name)(x_BxTxI)
 
 
 class RMSNorm(nn.Module):
@@ -360,9 +407,10 @@ class Attention(nn.Module):
     b, s, _ = x_BxSxD.shape
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     # 2-D kernels reshaped afterwards: >2-D logically partitioned DenseGeneral kernels fail under a mesh.
-    q_BxSxNxH = _dense(x_BxSxD, n * h, ("embed", "heads"), cfg, "q_proj").reshape(b, s, n, h)
-    k_BxSxKxH = _dense(x_BxSxD, k * h, ("embed", "kv_heads"), cfg, "k_proj").reshape(b, s, k, h)
-    v_BxSxKxH = _dense(x_BxSxD, k * h, ("embed", "kv_heads"), cfg, "v_proj").reshape(b, s, k, h)
+    proj = functools.partial(_dense, x_BxSxD, cfg=cfg, bias=cfg.qkv_bias)
+    q_BxSxNxH = proj(n * h, ("embed", "heads"), name="q_proj").reshape(b, s, n, h)
+    k_BxSxKxH = proj(k * h, ("embed", "kv_heads"), name="k_proj").reshape(b, s, k, h)
+    v_BxSxKxH = proj(k * h, ("embed", "kv_heads"), name="v_proj").reshape(b, s, k, h)
     q_BxSxNxH = rope(q_BxSxNxH, cfg.rope_theta, start)
     k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta, start)
     q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("batch", "length", "heads", "head_dim"))
@@ -485,22 +533,34 @@ class Transformer(nn.Module):
       kv = jax.tree.map(lambda *xs: jnp.stack(xs), *layers_kv) if return_kv else None
 
     hidden_BxSxD = RMSNorm(cfg, name="ln_f")(x_BxSxD)
+    if cfg.shift_logits:
+      if cache_kv is not None:
+        raise ValueError("a shift_logits model (Dream) does not run the sampler's caches yet")
+      # Position i's prediction is the head of position i - 1's state (position 0 keeps its own).
+      hidden_BxSxD = jnp.concatenate([hidden_BxSxD[:, :1], hidden_BxSxD[:, :-1]], axis=1)
     if logits_from:
       hidden_BxSxD = hidden_BxSxD[:, logits_from:]
-    # The output head (LLaDA names it ff_out too) is never adapted.
-    head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="ff_out")
-    if targets_BxS is not None and cfg.logits_chunk and not self.is_initializing():
-      kernel_DxV = nn.unbox(head.variables["params"]["kernel"])
-      logits_of = functools.partial(_head_logits, kernel_DxV=kernel_DxV, dtype=jnp.dtype(cfg.dtype))
-      out = _chunked_log_probs(logits_of, hidden_BxSxD, targets_BxS, cfg.logits_chunk)
-    else:
-      logits_BxSxV = nn.with_logical_constraint(
-        head(hidden_BxSxD).astype(jnp.float32), ("batch", "length", "vocab")
-      )
-      if targets_BxS is not None:
-        out = diffusion.token_log_probs(logits_BxSxV, targets_BxS)
+    chunked = targets_BxS is not None and cfg.logits_chunk and not self.is_initializing()
+    head_logits = functools.partial(_head_logits, dtype=jnp.dtype(cfg.dtype))
+    if cfg.tie_embeddings:  # the head is the embedding's transpose
+      logits_of = functools.partial(head_logits, kernel_DxV=embedding_VxD.T)
+    else:  # the output head (LLaDA names it ff_out too) is never adapted
+      head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="ff_out")
+      if chunked:  # inside the chunk scan: the head's kernel as a plain array
+        logits_of = functools.partial(
+          head_logits, kernel_DxV=nn.unbox(head.variables["params"]["kernel"])
+        )
       else:
-        out = (logits_BxSxV, hidden_BxSxD) if return_hidden else logits_BxSxV
+        logits_of = lambda h: nn.with_logical_constraint(  # noqa: E731
+          head(h).astype(jnp.float32), ("batch", "length", "vocab")
+        )
+    if chunked:
+      out = _chunked_log_probs(logits_of, hidden_BxSxD, targets_BxS, cfg.logits_chunk)
+    elif targets_BxS is not None:
+      out = diffusion.token_log_probs(logits_of(hidden_BxSxD), targets_BxS)
+    else:
+      logits_BxSxV = logits_of(hidden_BxSxD)
+      out = (logits_BxSxV, hidden_BxSxD) if return_hidden else logits_BxSxV
     return (out, kv) if return_kv else out
 
 

@@ -6,6 +6,7 @@ between the correct answers; diffu-GRPO should pile the mass onto fewer of them.
 trajectory estimator (one sampler step commits the token) reaches the same target.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -31,20 +32,29 @@ G = 64
 PROMPT = np.array([[11, 12, 13]], np.int32)
 
 
-@jax.jit
-def _distribution_jit(params):
-  tokens = np.concatenate([PROMPT, [[CFG.mask_token_id]]], 1)
-  logits = MODEL.apply({"params": params}, tokens, np.ones_like(tokens, bool))[0, -1]
-  logits = jnp.where(jnp.isin(jnp.arange(16), ANSWERS), logits, -jnp.inf)
-  return jax.nn.softmax(logits)
+# The same toy on a Dream-family model: its answer is predicted from the prompt's last position.
+DREAM_MODEL = model_lib.Transformer(
+  dataclasses.replace(CFG, family="dream", qkv_bias=True, shift_logits=True)
+)
+_DISTRIBUTIONS = {}
 
 
-def _distribution(params):
-  return np.asarray(_distribution_jit(params), np.float64)
+def _distribution(params, model=MODEL):
+  if model.cfg not in _DISTRIBUTIONS:
+
+    @jax.jit
+    def distribution(params):
+      tokens = np.concatenate([PROMPT, [[CFG.mask_token_id]]], 1)
+      logits = model.apply({"params": params}, tokens, np.ones_like(tokens, bool))[0, -1]
+      logits = jnp.where(jnp.isin(jnp.arange(16), ANSWERS), logits, -jnp.inf)
+      return jax.nn.softmax(logits)
+
+    _DISTRIBUTIONS[model.cfg] = distribution
+  return np.asarray(_DISTRIBUTIONS[model.cfg](params), np.float64)
 
 
-def _train(objective: str, steps: int, **kw):
-  params = MODEL.init(jax.random.PRNGKey(0), PROMPT, np.ones_like(PROMPT, bool))["params"]
+def _train(objective: str, steps: int, model=MODEL, **kw):
+  params = model.init(jax.random.PRNGKey(0), PROMPT, np.ones_like(PROMPT, bool))["params"]
   params = nn.unbox(jax.tree.map(lambda x: 2.0 * x, params))
   # The toy's reference: the initial model restricted to ANSWERS (other tokens get no mass).
   ref_params = params
@@ -53,11 +63,11 @@ def _train(objective: str, steps: int, **kw):
     state_lib.OptimConfig(3e-3, "constant", 0, 1.0, 0.0, 0.9, 0.99, 1e-8, 10.0, steps)
   )
   state = rl.create_state(params, tx, 3e-2, CFG.d_model, seed=1)
-  prepare = jax.jit(functools.partial(rl.prepare, model=MODEL, ocfg=ocfg, num_inner=1))
-  update = jax.jit(functools.partial(rl.update, model=MODEL, ocfg=ocfg, group_size=G))
+  prepare = jax.jit(functools.partial(rl.prepare, model=model, ocfg=ocfg, num_inner=1))
+  update = jax.jit(functools.partial(rl.update, model=model, ocfg=ocfg, group_size=G))
   rng = np.random.default_rng(0)
   for step in range(steps):
-    p = _distribution(state.params)
+    p = _distribution(state.params, model)
     answers = rng.choice(16, size=G, p=p / p.sum())
     tokens = np.concatenate([np.repeat(PROMPT, G, 0), answers[:, None]], 1).astype(np.int32)
     completion = np.zeros_like(tokens, bool)
@@ -74,7 +84,7 @@ def _train(objective: str, steps: int, **kw):
       state = state.replace(log_z=rl.set_log_z_bias(state.log_z, BETA * batch.rewards_N.mean()))
     state, metrics = update(state, batch, prepare(state, ref_params, batch), 0)
     state = state.replace(step=state.step + 1)
-  return _distribution(ref_params), _distribution(state.params), metrics
+  return _distribution(ref_params, model), _distribution(state.params, model), metrics
 
 
 def _kl(p, q):
@@ -125,6 +135,10 @@ def test_trafl_reaches_the_tilted_target(trafl_run):
 
 def test_trafl_with_the_trajectory_estimator_reaches_the_tilted_target(trajectory_run):
   _assert_reaches_the_tilted_target(*trajectory_run)
+
+
+def test_trafl_reaches_the_tilted_target_on_a_dream_model():
+  _assert_reaches_the_tilted_target(*_train("trafl", 300, model=DREAM_MODEL))
 
 
 def _assert_reaches_the_tilted_target(p_ref, p_theta, metrics):

@@ -152,3 +152,15 @@ def test_a_config_json_of_another_family_is_named(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "llama"}')
   with pytest.raises(ValueError, match="model_type 'llama' is not a family"):
     hf_format.model_config_from_hf(str(tmp_path))
+
+
+def test_left_padding_does_not_change_a_dream_row():
+  """A left-padded row's valid positions compute what the unpadded row does. Dream numbers positions from
+  the first valid token (its `tok_idx`) where we number them from the sequence's start: RoPE's scores
+  depend only on the distance between positions, so the two agree up to rounding."""
+  params = _params(DREAM)
+  row = TOKENS[:1, 3:]
+  padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
+  valid = jnp.arange(10)[None] >= 3
+  alone = _apply(DREAM, params, row, jnp.ones_like(row, bool))
+  np.testing.assert_allclose(_apply(DREAM, params, padded, valid)[:, 4:], alone[:, 1:], atol=1e-5)

@@ -164,3 +164,21 @@ def test_left_padding_does_not_change_a_dream_row():
   valid = jnp.arange(10)[None] >= 3
   alone = _apply(DREAM, params, row, jnp.ones_like(row, bool))
   np.testing.assert_allclose(_apply(DREAM, params, padded, valid)[:, 4:], alone[:, 1:], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    model_lib.ModelConfig(**model_lib.PRESETS["dream_7b"]),
+    dataclasses.replace(DREAM, tie_embeddings=True),
+    DREAM,
+  ],
+)
+def test_num_params_counts_biases_and_a_tied_head(cfg):
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  shapes = jax.eval_shape(
+    lambda: model_lib.Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens >= 0)
+  )
+  assert cfg.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  if cfg.vocab_size == 152064:  # Dream-v0-7B: Qwen2.5-7B's 7.62B parameters
+    assert round(cfg.num_params() / 1e9, 2) == 7.62

@@ -100,8 +100,9 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, v, hd = self.d_model, self.mlp_hidden, self.vocab_size, self.head_dim
     attn = d * d * 2 + 2 * d * self.n_kv_heads * hd
-    per_layer = attn + 3 * d * f + 2 * d
-    return self.n_layers * per_layer + 2 * v * d + d
+    bias = (d + 2 * self.n_kv_heads * hd) if self.qkv_bias else 0
+    per_layer = attn + bias + 3 * d * f + 2 * d
+    return self.n_layers * per_layer + (1 if self.tie_embeddings else 2) * v * d + d
 
 
 # How a ModelConfig's fields divide: a checkpoint fixes the shape (its arrays and token ids); the run's
@@ -192,6 +193,23 @@ PRESETS = {
     mask_token_id=4,
     eos_token_id=3,
     pad_token_id=0,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    family="dream",
+    qkv_bias=True,
+    shift_logits=True,
+  ),
+  # Dream-v0-7B (Qwen2.5-7B's shape, Dream's special ids; DiffuCoder-7B is the same shape).
+  "dream_7b": dict(
+    vocab_size=152064,
+    d_model=3584,
+    n_layers=28,
+    n_heads=28,
+    n_kv_heads=4,
+    mlp_hidden=18944,
+    mask_token_id=151666,
+    eos_token_id=151643,
+    pad_token_id=151643,
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
     family="dream",

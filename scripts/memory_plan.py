@@ -235,6 +235,7 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
     ref_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(base))
   else:
     abstract_ref = as_ref(abstract_state.params)
+    ref_bytes = cfg.num_params() * jnp.dtype(pcfg.reference_dtype).itemsize
   t = prompt_len + pcfg.scfg.gen_length
   rollout_sh = rl.rollout_shardings(mesh, rules)
   abstract_rollout = objectives.Rollout(
@@ -314,8 +315,6 @@ def plan(config, devices, prompt_len: int, steps=("sampler", "prepare", "update"
       config, model, mesh, rules, abstract_state.params, prompt_len, log
     )
   n_params, n_dev = cfg.num_params(), mesh.size
-  if not adapters:
-    ref_bytes = n_params * jnp.dtype(pcfg.reference_dtype).itemsize
   trained = n_params
   if adapters:
     trained = sum(x.size for x in jax.tree.leaves(lora.adapters_of(abstract_state.params)))

@@ -336,7 +336,7 @@ def family_of(c: dict, path: str) -> str:
   """The model family a `config.json` describes, from its `model_type` (LLaDA's may lack one)."""
   model_type = c.get("model_type")
   for family, name in model_lib.FAMILIES.items():
-    if model_type is None and family == "llada" or model_type == name:
+    if model_type == name or (model_type is None and family == "llada"):
       return family
   raise ValueError(
     f"{path}: model_type {model_type!r} is not a family this code reads "
@@ -369,10 +369,8 @@ def _dream_config(c: dict, path: str) -> dict:
     pad_token_id=c["eos_token_id"] if c.get("pad_token_id") is None else c["pad_token_id"],
     rope_theta=float(c.get("rope_theta") or 10000.0),
     rms_norm_eps=float(c.get("rms_norm_eps") or 1e-6),
-    family="dream",
-    qkv_bias=True,
     tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-    shift_logits=True,
+    **model_lib.DREAM_FIELDS,
   )
 
 

@@ -100,7 +100,7 @@ def place_base(host_params, base_dtype: str, shardings):
   for path, x in flat.items():
     prepared = one(traverse_util.unflatten_dict({path: x}), base_dtype)
     for leaf, y in traverse_util.flatten_dict(prepared).items():  # a kernel: kernel_q, kernel_scale
-      out[leaf] = sharding.to_global(np.asarray(jax.device_get(y)), target[leaf])
+      out[leaf] = sharding.to_global(jax.device_get(y), target[leaf])
   return traverse_util.unflatten_dict(out)
 
 

@@ -55,8 +55,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = True
-  # Score log-probabilities over chunks of this many positions, never holding a whole sequence's
-  # vocabulary-wide logits (`score`); 0 = all positions at once.
+  # Score log-probabilities (`Transformer(..., targets_BxS=...)`) over chunks of this many positions,
+  # never holding a whole sequence's vocabulary-wide logits; 0 = all positions at once.
   logits_chunk: int = 0
   # Low-rank adapters (lora.py): rank 0 is none. Set by post-training, never by a checkpoint's shape.
   lora_rank: int = 0
@@ -126,6 +126,8 @@ SHAPE_FIELDS = (
 )
 # Model families: the Hugging Face `model_type` each converts from and to.
 FAMILIES = {"llada": "llada", "dream": "Dream"}
+# The fields that make a model Dream-shaped (presets and Dream's config.json set them).
+DREAM_FIELDS = dict(family="dream", qkv_bias=True, shift_logits=True)
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "logits_chunk")
 FOLLOW = -1
 
@@ -195,9 +197,7 @@ PRESETS = {
     pad_token_id=0,
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
-    family="dream",
-    qkv_bias=True,
-    shift_logits=True,
+    **DREAM_FIELDS,
   ),
   # Dream-v0-7B (Qwen2.5-7B's shape, Dream's special ids; DiffuCoder-7B is the same shape).
   "dream_7b": dict(
@@ -212,9 +212,7 @@ PRESETS = {
     pad_token_id=151643,
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
-    family="dream",
-    qkv_bias=True,
-    shift_logits=True,
+    **DREAM_FIELDS,
   ),
   "llada_8b": dict(
     vocab_size=126464,

@@ -16,6 +16,17 @@ if str(ROOT) not in sys.path:
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+FAMILIES = ("llada", "dream")
+
+
+def family_config(family: str, **overrides):
+  """`small_model_config` of a model family (Dream: biased q/k/v, shifted predictions)."""
+  from trafl_jax import model as model_lib
+
+  extra = model_lib.DREAM_FIELDS if family == "dream" else {}
+  return small_model_config(**{**extra, **overrides})
+
+
 def small_model_config(**overrides):
   """The small transformer most tests use (special ids: pad 0, eos 3, mask 4); override any field."""
   from trafl_jax import model as model_lib

@@ -83,13 +83,6 @@ def test_dream_log_probs_chunked_or_not_equal_the_shifted_logits(tie):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_dream_refuses_the_sampler_caches_by_name():
-  params = _params(DREAM)
-  _, kv = _apply(DREAM, params, TOKENS, VALID, return_kv=True)
-  with pytest.raises(ValueError, match="shift_logits model"):
-    _apply(DREAM, params, TOKENS[:, 4:6], VALID, cache_kv=kv, start=4)
-
-
 def test_an_unknown_family_is_named():
   with pytest.raises(ValueError, match="model family 'gpt'"):
     dataclasses.replace(DREAM, family="gpt")

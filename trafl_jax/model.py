@@ -550,9 +550,8 @@ class Transformer(nn.Module):
 
     hidden_BxSxD = RMSNorm(cfg, name="ln_f")(x_BxSxD)
     if cfg.shift_logits:
-      if cache_kv is not None:
-        raise ValueError("a shift_logits model (Dream) does not run the sampler's caches yet")
-      # Position i's prediction is the head of position i - 1's state (position 0 keeps its own).
+      # Position i's prediction is the head of position i - 1's state (position 0 keeps its own; with
+      # `cache_kv`, the first computed position does: the sampler computes one position more).
       hidden_BxSxD = jnp.concatenate([hidden_BxSxD[:, :1], hidden_BxSxD[:, :-1]], axis=1)
     if logits_from:
       hidden_BxSxD = hidden_BxSxD[:, logits_from:]

@@ -112,9 +112,10 @@ def check_trajectory(ocfg: ObjectiveConfig) -> None:
     raise ValueError(
       "estimator 'trajectory' scores the rollouts' paths: give the sampler (rollout)"
     )
-  if ocfg.rollout.remasking != "random":
+  if ocfg.rollout.remasking not in ("random", "origin"):
     raise ValueError(
-      f"estimator 'trajectory' needs remasking 'random' (got {ocfg.rollout.remasking!r}): only when "
+      f"estimator 'trajectory' needs remasking 'random' or 'origin' (got "
+      f"{ocfg.rollout.remasking!r}): only when "
       "the order of the commits does not depend on the model does its probability cancel in "
       "p_theta / p_ref"
     )
@@ -541,7 +542,7 @@ def trajectory_log_probs(
     logits_NxLxV = sampler.completion_logits(
       model, params, inputs_NxT, valid_NxT, p, scfg, prompt_NxT
     )
-    logp_s_NxL = sampler.committed_log_probs(logits_NxLxV, tokens_NxT[:, p:], scfg.temperature)
+    logp_s_NxL = sampler.committed_log_probs(logits_NxLxV, tokens_NxT[:, p:], scfg)
     return jnp.where(step_NxL == s, logp_s_NxL, logp_NxL), None
 
   logp_NxL, _ = jax.lax.scan(one, jnp.zeros(step_NxL.shape, jnp.float32), jnp.arange(scfg.steps))

@@ -48,10 +48,26 @@ from flax import linen as nn
 
 from trafl_jax import sharding
 
-REMASKING = ("low_confidence", "random")
+# Which positions a step commits: the most confident (`low_confidence`: the chosen token's
+# probability; `margin`: top-1 minus top-2 probability; `entropy`: minus the entropy), a uniform
+# draw (`random`), or each masked position with probability 1 - s/t (`origin`: Dream's schedule only).
+REMASKING = ("low_confidence", "random", "margin", "entropy", "origin")
+CONFIDENCE = ("low_confidence", "margin", "entropy")
+# Whose generate(): LLaDA's per-block commit counts, or Dream's `linspace(1, eps, steps + 1)` ones.
+SCHEDULES = ("llada", "dream")
+# Dream's `diffusion_generate(alg=...)` as this sampler's remasking (with schedule="dream").
+DREAM_ALGS = {
+  "origin": "origin",
+  "maskgit_plus": "low_confidence",
+  "topk_margin": "margin",
+  "entropy": "entropy",
+}
 CACHES = ("none", "prefix", "dual")
 # SamplerConfig's speed settings, set together (config sections rl.rollout and eval.sampler).
 MODE_FIELDS = ("cache", "refresh_every", "threshold", "stop_at_eos", "micro_batch")
+# Its other settings a config section may set beside them (Dream's generate(), top-p and top-k).
+DRAW_FIELDS = ("schedule", "top_p", "top_k", "alg_temp", "eps")
+SECTION_FIELDS = MODE_FIELDS + DRAW_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +83,11 @@ class SamplerConfig:
   threshold: float = 0.0
   stop_at_eos: bool = False
   micro_batch: int = 0
+  schedule: str = "llada"
+  top_p: float = 1.0
+  top_k: int = 0
+  alg_temp: float = 0.0
+  eps: float = 1e-3
 
   def __post_init__(self):
     if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -80,7 +101,9 @@ class SamplerConfig:
         f"steps {self.steps} does not split evenly over {self.num_blocks} blocks "
         f"(gen_length {self.gen_length} / block_length {self.block_length})"
       )
-    if self.steps_per_block > self.block_length:
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+    if self.schedule == "llada" and self.steps_per_block > self.block_length:
       raise ValueError(
         f"{self.steps_per_block} steps per block would commit nothing at some steps of a "
         f"{self.block_length}-token block; use steps <= gen_length"
@@ -95,6 +118,19 @@ class SamplerConfig:
       raise ValueError(f"refresh_every and micro_batch must be >= 0: {self}")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"threshold {self.threshold} is not in [0, 1] (0: LLaDA's schedule)")
+    if self.remasking == "origin" and self.schedule != "dream":
+      raise ValueError(
+        "remasking 'origin' reveals with probability 1 - s/t: it needs schedule 'dream'"
+      )
+    if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+      raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (0: off): {self}")
+    if not 0.0 < self.eps < 1.0:
+      raise ValueError(f"eps {self.eps} (Dream's last timestep) is not in (0, 1)")
+    if self.alg_temp < 0 or (self.alg_temp and self.remasking not in CONFIDENCE):
+      raise ValueError(
+        f"alg_temp {self.alg_temp} must be >= 0, and it draws positions by confidence: it needs "
+        f"remasking in {CONFIDENCE}, not {self.remasking!r}"
+      )
     if self.threshold and self.remasking != "low_confidence":
       raise ValueError(
         f"threshold compares the model's confidence: it needs remasking 'low_confidence', not "
@@ -113,6 +149,19 @@ class SamplerConfig:
     if self.stop_at_eos:
       parts.append("eos")
     return "+".join(parts) or "exact"
+
+  @property
+  def draw_tag(self) -> str:
+    """The non-default draw settings (`dream+p0.95+a0.5`), '' for LLaDA's: part of a row's label."""
+    parts = ["dream"] if self.schedule == "dream" else []
+    for name, value, default in (
+      ("p", self.top_p, 1.0),
+      ("k", self.top_k, 0),
+      ("a", self.alg_temp, 0.0),
+    ):
+      if value != default:
+        parts.append(f"{name}{value:g}")
+    return "+".join(parts)
 
   @property
   def exact(self) -> bool:
@@ -172,12 +221,80 @@ def top_k_mask(score_BxL: jax.Array, eligible_BxL: jax.Array, k: jax.Array) -> j
   return (rank_BxL < k) & eligible_BxL
 
 
-def committed_log_probs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, temperature: float):
-  """`log softmax(logits / temperature)[token]` in float32: the log-probability of a token under the
-  distribution the sampler draws it from (Gumbel-max at `temperature`). At temperature 0 (greedy, a
-  point mass) it is the model's own `log softmax(logits)[token]`. Written as reductions over V, as
-  `chosen_probability` is, so no second BxLxV array is held."""
-  scaled_BxLxV = logits_BxLxV.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+def dream_timesteps(steps: int, eps: float) -> np.ndarray:
+  """`torch.linspace(1, eps, steps + 1)` in float32 as torch computes it on CPU: `start + delta * i`
+  for the first half and `end - delta * (n - 1 - i)` for the second (so the last value is `eps`), each
+  a fused multiply-add (one rounding; emulated in float64, where the product is exact). Equal bit for
+  bit to torch's values (tests/fixtures/dream); Dream's per-step counts are floors of products with
+  these, so an ulp can move a token from one step to the next."""
+  n = steps + 1
+  start, end = np.float32(1.0), np.float32(eps)
+  delta = np.float64((end - start) / np.float32(n - 1))
+  i = np.arange(n, dtype=np.float64)
+  head = (delta * i + np.float64(start)).astype(np.float32)
+  tail = (-delta * (n - 1 - i) + np.float64(end)).astype(np.float32)
+  return np.where(i < n // 2, head, tail).astype(np.float32)
+
+
+def dream_ratios(cfg: SamplerConfig) -> np.ndarray:
+  """Dream's `1 - s / t` of each step of a block (float32, as torch computes it), 1 at the last
+  step: a confidence rule commits `floor(masks * ratio)` of a row's masked positions, `origin`
+  reveals each with that probability."""
+  t = dream_timesteps(cfg.steps_per_block, cfg.eps)
+  ratios = np.float32(1.0) - t[1:] / t[:-1]
+  ratios[-1] = 1.0
+  return ratios.astype(np.float32)
+
+
+def processed_logits(logits_BxLxV: jax.Array, cfg: SamplerConfig) -> jax.Array:
+  """The logits tokens are drawn from, float32: divided by the temperature (when > 0), then
+  Dream's top-p (the smallest set of most likely tokens whose probability reaches `top_p`, the most
+  likely always kept), then top-k (the `top_k` largest, ties with the k-th kept); removed tokens get
+  float32's lowest value, as Dream's `top_p_logits` / `top_k_logits` do."""
+  x_BxLxV = logits_BxLxV.astype(jnp.float32)
+  if cfg.temperature > 0:
+    x_BxLxV = x_BxLxV / cfg.temperature
+  lowest = jnp.finfo(jnp.float32).min
+  if cfg.top_p < 1.0:
+    sorted_BxLxV = -jnp.sort(-x_BxLxV, axis=-1)
+    cumulative_BxLxV = jnp.cumsum(jax.nn.softmax(sorted_BxLxV, axis=-1), axis=-1)
+    # A token is removed once the more likely ones reach top_p: the kept ones are a prefix of the
+    # sorted order (a tie with its last member is kept too, where torch's unstable sort may not).
+    keep_BxLx1 = 1 + jnp.sum(cumulative_BxLxV[..., :-1] <= cfg.top_p, axis=-1, keepdims=True)
+    last_BxLx1 = jnp.take_along_axis(sorted_BxLxV, keep_BxLx1 - 1, axis=-1)
+    x_BxLxV = jnp.where(x_BxLxV < last_BxLx1, lowest, x_BxLxV)
+  if cfg.top_k:
+    kth_BxLx1 = jax.lax.top_k(x_BxLxV, min(cfg.top_k, x_BxLxV.shape[-1]))[0][..., -1:]
+    x_BxLxV = jnp.where(x_BxLxV < kth_BxLx1, lowest, x_BxLxV)
+  return x_BxLxV
+
+
+def confidence(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, remasking: str) -> jax.Array:
+  """A confidence rule's score of each position (higher commits first), from the softmax of
+  `logits`: the chosen token's probability (`low_confidence`), top-1 minus top-2 probability
+  (`margin`), or `sum p log(p + 1e-10)` (`entropy`: minus the entropy, as Dream writes it)."""
+  if remasking == "low_confidence":
+    return chosen_probability(logits_BxLxV, tokens_BxL)
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  max_BxLx1 = jnp.max(logits_BxLxV, axis=-1, keepdims=True)
+  normalizer_BxLx1 = jnp.sum(jnp.exp(logits_BxLxV - max_BxLx1), axis=-1, keepdims=True)
+  if remasking == "margin":
+    top2_BxLx2 = jax.lax.top_k(logits_BxLxV, 2)[0]
+    p_BxLx2 = jnp.exp(top2_BxLx2 - max_BxLx1) / normalizer_BxLx1
+    return p_BxLx2[..., 0] - p_BxLx2[..., 1]
+  p_BxLxV = jnp.exp(logits_BxLxV - max_BxLx1) / normalizer_BxLx1
+  return jnp.sum(p_BxLxV * jnp.log(p_BxLxV + 1e-10), axis=-1)
+
+
+def committed_log_probs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, cfg: SamplerConfig):
+  """`log softmax(processed_logits(logits))[token]` in float32: the log-probability of a token under
+  the distribution the sampler draws it from (temperature, top-p, top-k). At temperature 0 (greedy,
+  a point mass) it is the model's own `log softmax(logits)[token]`. Written as reductions over V, as
+  `chosen_probability` is, so no second BxLxV array is held (without top-p)."""
+  if cfg.temperature > 0:
+    scaled_BxLxV = processed_logits(logits_BxLxV, cfg)
+  else:
+    scaled_BxLxV = logits_BxLxV.astype(jnp.float32)
   chosen_BxL = jnp.take_along_axis(scaled_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
   return chosen_BxL - jax.nn.logsumexp(scaled_BxLxV, axis=-1)
 
@@ -209,15 +326,22 @@ def completion_logits(
   return (logits, kv) if return_kv else logits
 
 
-def window_logits(model, params, window_BxW, valid_BxT, start, cache_kv, cfg: SamplerConfig):
-  """Logits of the W positions `start`..`start+W-1` (completion positions, whose tokens are the same
-  in guidance's conditional and unconditional rows), the other positions' keys and values read from
-  `cache_kv`."""
+def window_logits(
+  model, params, tokens_BxT, valid_BxT, start, width: int, cache_kv, cfg: SamplerConfig
+):
+  """Logits of the `width` positions `start`.. (completion positions, whose tokens are the same in
+  guidance's conditional and unconditional rows), the other positions' keys and values read from
+  `cache_kv`. A shifted model (Dream) predicts position i from position i - 1's state, so it computes
+  one position more, from `start - 1` (a prompt or earlier position: `start` is never 0)."""
+  shift = int(model.cfg.shift_logits)
+  window_BxW = jax.lax.dynamic_slice_in_dim(tokens_BxT, start - shift, width + shift, axis=1)
   if cfg.cfg_scale > 0:
     window_BxW = jnp.concatenate([window_BxW, window_BxW], axis=0)
     valid_BxT = jnp.concatenate([valid_BxT, valid_BxT])
-  logits = model.apply({"params": params}, window_BxW, valid_BxT, cache_kv=cache_kv, start=start)
-  return _guided(logits, cfg)
+  logits = model.apply(
+    {"params": params}, window_BxW, valid_BxT, cache_kv=cache_kv, start=start - shift
+  )
+  return _guided(logits[:, shift:], cfg)
 
 
 def _guided(logits, cfg: SamplerConfig):
@@ -290,7 +414,6 @@ def denoise_step(
   token's log-probability (`committed_log_probs`)."""
   length, bl = cfg.gen_length, cfg.block_length
   p = carry.tokens_BxT.shape[1] - length
-  b = carry.tokens_BxT.shape[0]
   mask_id = model.cfg.mask_token_id
   w0 = 0 if cfg.cache == "none" else block * bl  # first computed completion position
   tokens_BxT, cache_kv = carry.tokens_BxT, carry.cache_kv
@@ -305,8 +428,10 @@ def denoise_step(
       return _window(logits_BxLxV, w0, width), kv
 
     def cached(cache_kv):
-      window_BxW = _window(tokens_BxT, p + w0, width)
-      return window_logits(model, params, window_BxW, valid_BxT, p + w0, cache_kv, cfg), cache_kv
+      logits_BxWxV = window_logits(
+        model, params, tokens_BxT, valid_BxT, p + w0, width, cache_kv, cfg
+      )
+      return logits_BxWxV, cache_kv
 
     refresh = s == 0
     if cfg.refresh_every:
@@ -314,31 +439,22 @@ def denoise_step(
     logits_BxWxV, cache_kv = jax.lax.cond(refresh, full, cached, cache_kv)
   # Draws are keyed by (block, step in block): the exact mode's key is its global step.
   step_rng = jax.random.fold_in(rng, block * cfg.steps_bound_per_block + s)
+  drawn_BxWxV = processed_logits(logits_BxWxV, cfg)
   if cfg.temperature > 0:
     # argmax(logits / T + Gumbel) samples softmax(logits / T); LLaDA writes the same draw as
-    # exp(logits) / (-log u)^T.
+    # exp(logits) / (-log u)^T, Dream as a categorical draw from the processed softmax.
     gumbel_BxWxV = jax.random.gumbel(step_rng, logits_BxWxV.shape, jnp.float32)
-    sampled_BxW = jnp.argmax(logits_BxWxV / cfg.temperature + gumbel_BxWxV, axis=-1)
+    sampled_BxW = jnp.argmax(drawn_BxWxV + gumbel_BxWxV, axis=-1)
   else:
-    sampled_BxW = jnp.argmax(logits_BxWxV, axis=-1)
-  if cfg.remasking == "low_confidence":
-    confidence_BxW = chosen_probability(logits_BxWxV, sampled_BxW)
-  else:
-    uniform_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, length))
-    confidence_BxW = _window(uniform_BxL, w0, width)
+    sampled_BxW = jnp.argmax(drawn_BxWxV, axis=-1)
   completion_BxW = _window(tokens_BxT[:, p:], w0, width)
   # As in LLaDA, "still masked" means "holds the MASK id".
   position_W = w0 + jnp.arange(width)
   eligible_BxW = (completion_BxW == mask_id) & (position_W < (block + 1) * bl)[None, :]
-  if cfg.threshold:
-    commit_BxW = top_k_mask(confidence_BxW, eligible_BxW, 1)
-    commit_BxW |= eligible_BxW & (confidence_BxW > cfg.threshold)
-  else:
-    k = jnp.asarray(commit_schedule(cfg))[block * cfg.steps_per_block + s]
-    commit_BxW = top_k_mask(confidence_BxW, eligible_BxW, k)
+  commit_BxW = _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w0, cfg)
   completion_BxW = jnp.where(commit_BxW, sampled_BxW.astype(jnp.int32), completion_BxW)
   step_BxW = jnp.where(commit_BxW, carry.step, _window(carry.commit_step_BxL, w0, width))
-  logp_sampled_BxW = committed_log_probs(logits_BxWxV, sampled_BxW, cfg.temperature)
+  logp_sampled_BxW = committed_log_probs(logits_BxWxV, sampled_BxW, cfg)
   logp_BxW = jnp.where(commit_BxW, logp_sampled_BxW, _window(carry.logp_BxL, w0, width))
   return Carry(
     jax.lax.dynamic_update_slice_in_dim(tokens_BxT, completion_BxW, p + w0, axis=1),
@@ -348,6 +464,36 @@ def denoise_step(
     carry.step + 1,
     cache_kv,
   )
+
+
+def _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w0, cfg):
+  """Which eligible positions step `s` of a block commits. LLaDA's schedule scores confidences on
+  the model's softmax (as LLaDA does); Dream's on the distribution drawn from (`processed_logits`),
+  and commits `floor(masks * (1 - s/t))` of a row's eligible positions (all at the block's last
+  step). `alg_temp` draws that many without replacement, with probabilities proportional to
+  `exp(confidence / alg_temp)` (Gumbel top-k: Dream's `multinomial` of that softmax)."""
+  b, width = eligible_BxW.shape
+  if cfg.remasking in ("random", "origin"):
+    uniform_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, cfg.gen_length))
+    score_BxW = _window(uniform_BxL, w0, width)
+    if cfg.remasking == "origin":
+      ratio = jnp.asarray(dream_ratios(cfg))[s]
+      return eligible_BxW & ((score_BxW < ratio) | (ratio >= 1.0))
+  else:
+    scored_BxWxV = drawn_BxWxV if cfg.schedule == "dream" else logits_BxWxV
+    score_BxW = confidence(scored_BxWxV, sampled_BxW, cfg.remasking)
+    if cfg.threshold:
+      return top_k_mask(score_BxW, eligible_BxW, 1) | (eligible_BxW & (score_BxW > cfg.threshold))
+    if cfg.alg_temp:
+      gumbel_BxL = jax.random.gumbel(jax.random.fold_in(step_rng, 2), (b, cfg.gen_length))
+      score_BxW = score_BxW / cfg.alg_temp + _window(gumbel_BxL, w0, width)
+  if cfg.schedule == "dream":
+    masks_Bx1 = eligible_BxW.sum(-1, keepdims=True)
+    ratio = jnp.asarray(dream_ratios(cfg))[s]
+    k_Bx1 = jnp.floor(masks_Bx1.astype(jnp.float32) * ratio).astype(jnp.int32)
+  else:
+    k_Bx1 = jnp.asarray(commit_schedule(cfg))[s]
+  return top_k_mask(score_BxW, eligible_BxW, k_Bx1)
 
 
 def _active(carry: Carry, block, cfg: SamplerConfig, mask_id: int) -> jax.Array:

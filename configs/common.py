@@ -37,12 +37,26 @@ def sharding_rules() -> ml_collections.ConfigDict:
 
 
 def sampler_modes() -> ml_collections.ConfigDict:
-  """The sampler's speed modes (sampler.MODE_FIELDS; the defaults are LLaDA's exact sampler):
-  cache none | prefix | dual, refresh_every (steps of a block between cache refreshes; 0: once per
-  block), threshold (commit every position more confident than it; 0: LLaDA's per-step counts),
-  stop_at_eos, micro_batch (rows per sampler pass; 0: the whole batch)."""
+  """The sampler's speed modes and draw settings (sampler.SECTION_FIELDS; the defaults are LLaDA's
+  exact sampler): cache none | prefix | dual, refresh_every (steps of a block between cache
+  refreshes; 0: once per block), threshold (commit every position more confident than it; 0: LLaDA's
+  per-step counts), stop_at_eos, micro_batch (rows per sampler pass; 0: the whole batch); schedule
+  llada | dream (Dream's `linspace(1, eps, steps + 1)` commit counts, confidences of the distribution
+  drawn from), top_p, top_k (0: off), alg_temp (draw positions by confidence; 0: the most confident),
+  eps (Dream's last timestep)."""
   return ml_collections.ConfigDict(
-    dict(cache="none", refresh_every=0, threshold=0.0, stop_at_eos=False, micro_batch=0)
+    dict(
+      cache="none",
+      refresh_every=0,
+      threshold=0.0,
+      stop_at_eos=False,
+      micro_batch=0,
+      schedule="llada",
+      top_p=1.0,
+      top_k=0,
+      alg_temp=0.0,
+      eps=1e-3,
+    )
   )
 
 
@@ -235,6 +249,53 @@ def llada_8b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
   c.eval.steps_per_token = 0.5
   c.eval.temperature = 0.9
   c.eval.batch_size = 32
+
+
+def dream_7b_posttraining(c: ml_collections.ConfigDict, task: str) -> None:
+  """Post-training a converted Dream-v0-7B / DiffuCoder-7B checkpoint: llada_8b_posttraining's run
+  shape (FSDP, bfloat16, G 6, lr 3e-6) on the dream_7b preset, with Dream's own sampler for rollouts
+  and evaluation: `diffusion_generate`'s schedule over one block (the whole canvas), entropy
+  confidences (alg="entropy", Dream's recommended setting), one token per step, top-p 0.95 when
+  sampling; greedy evaluation as Dream's GSM8K evaluation runs it."""
+  llada_8b_posttraining(c, task)
+  with c.unlocked():
+    c.model = model_config("dream_7b")
+  c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  for section, top_p in ((c.rl.rollout, 0.95), (c.eval.sampler, 1.0)):
+    section.schedule = "dream"
+    section.top_p = top_p
+  c.rl.remasking = "entropy"
+  c.rl.sample_steps = c.rl.gen_length  # steps = tokens, as Dream's evaluation and DiffuCoder run
+  c.rl.block_length = c.rl.gen_length
+  c.eval.remasking = ("entropy",)
+  c.eval.block_length = max(c.eval.gen_lengths)  # one block at every length
+  c.eval.steps_per_token = 1.0
+  c.eval.temperature = 0.0
+
+
+def coupled_grpo(c: ml_collections.ConfigDict) -> None:
+  """DiffuCoder's coupled-GRPO settings (apple/ml-diffucoder, recipes/config_coupled_code.yaml) for the
+  baselines: 10 rollouts per prompt at temperature 1.0 (top-p 0.95), 256 tokens in 256 steps, two
+  updates per rollout batch, PPO clip 0.5, k3 KL 0.01, lr 1e-6, weight decay 0.1, gradient norm 0.2,
+  and its coupled masks (t ~ U(0.2, 0.8) and the complement: the pair estimator). Not modelled: its
+  extra fully masked pass in the log-probability, leave-one-out advantages, the reference re-synced
+  every 64 steps, the cosine schedule."""
+  c.rl.objective = "elbo_grpo"
+  c.rl.group_size = 10
+  c.rl.prompts_per_step = 8
+  c.rl.gen_length = c.rl.sample_steps = c.rl.block_length = 256
+  c.rl.temperature = 1.0
+  c.rl.num_inner_updates = 2
+  c.rl.clip_eps = 0.5
+  c.rl.kl_coef = 0.01
+  c.rl.lr = 1e-6
+  c.rl.weight_decay = 0.1
+  c.rl.grad_clip = 0.2
+  c.rl.estimator = "pair"
+  c.rl.num_masks = 2
+  c.rl.t_min, c.rl.t_max = 0.2, 0.8
+  c.rl.importance_weights = True
 
 
 # d1's diffu-GRPO settings (dllm-reasoning/d1, diffu-grpo/slurm_scripts/*.yaml and *.sbatch): mu inner

@@ -35,6 +35,11 @@ LLaDA-8B TraFL with d1's adapters (rank 128, alpha 64 on q/k/v, a bfloat16 base)
 holds the adapters, exported with --to=peft or --to=hf --merge_lora (trafl_jax.convert):
   python -m trafl_jax.main --config=configs/math.py:gsm8k_lora --workdir=runs/gsm8k_lora \
     --config.rl.reference=/ckpt/llada8b --config.rl.train_path=/data/gsm8k/train.jsonl
+GSM8K with Dream-v0-Instruct-7B (converted the same way; rollouts and evaluation with Dream's sampler:
+alg entropy over one block, one token per step; combine with d1 for the baselines):
+  python -m trafl_jax.convert --src=/models/Dream-v0-Instruct-7B --dst=/ckpt/dream7b
+  python -m trafl_jax.main --config=configs/math.py:dream_gsm8k --workdir=runs/dream_gsm8k \
+    --config.rl.reference=/ckpt/dream7b --config.rl.train_path=/data/gsm8k/train.jsonl
 Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference making, no post-training):
   python -m trafl_jax.main --config=configs/math.py:gsm8k_sft --workdir=runs/gsm8k_sft \
     --config.data.train_path=/data/gsm8k/train.jsonl
@@ -43,6 +48,7 @@ Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference maki
 from configs import common
 
 VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_lora", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
+VARIANTS += ("dream_gsm8k",)
 
 
 def get_config(arg: str | None = None):
@@ -105,6 +111,11 @@ def get_config(arg: str | None = None):
     c.eval.splits = ("test",)
   if "gsm8k_lora" in variants:
     common.d1_lora(c)
+  if "dream_gsm8k" in variants:  # Dream-v0-Instruct-7B (rl.reference) with Dream's own sampler
+    common.dream_7b_posttraining(c, "gsm8k")
+    c.rl.num_steps = 1000
+    c.eval.tasks = ("gsm8k",)
+    c.eval.splits = ("test",)
   if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
     c.stages = ("reference",)

@@ -121,9 +121,10 @@ def objective_config(config: ml_collections.ConfigDict) -> objectives.ObjectiveC
 
 
 def sampler_modes(section: str, modes: ml_collections.ConfigDict) -> dict[str, Any]:
-  """A sampler-modes section (`rl.rollout`, `eval.sampler`) as SamplerConfig's keyword arguments."""
+  """A sampler section (`rl.rollout`, `eval.sampler`: its speed modes and draw settings) as
+  SamplerConfig's keyword arguments."""
   d = modes.to_dict()
-  check_keys(section, d, sampler.MODE_FIELDS)
+  check_keys(section, d, sampler.SECTION_FIELDS)
   return d
 
 

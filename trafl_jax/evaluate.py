@@ -54,7 +54,8 @@ class EvalConfig:
   batch_size: int  # sampler rows per call
   problems_per_batch: int
   seed: int
-  # The sampler's speed modes (sampler.MODE_FIELDS; empty: exact). Rows not sampled exactly are tagged.
+  # The sampler's modes and draw settings (sampler.SECTION_FIELDS; empty: exact LLaDA). Rows not
+  # sampled so are tagged.
   sampler: dict = dataclasses.field(default_factory=dict)
   countdown_numbers: int = 3  # how generated Countdown problems look (the data section's settings)
   countdown_max_number: int = 20
@@ -89,15 +90,14 @@ class EvalConfig:
 
   def rows(self) -> list[tuple[str, list, str]]:
     """`(row label, problems, remasking)` for every task x split x remasking: exact low-confidence rows
-    keep the task's label, the others are tagged with the remasking and the sampler's mode
-    (`countdown[random]`, `countdown[dual+t0.9]`, `countdown[random,dual]`)."""
-    mode = sampler.SamplerConfig(**self.sampler).mode
+    keep the task's label, the others are tagged with the remasking, the draw settings and the
+    sampler's mode (`countdown[random]`, `countdown[dual+t0.9]`, `gsm8k[entropy,dream+p0.95]`)."""
+    settings = sampler.SamplerConfig(**self.sampler)
+    mode, draw = settings.mode, settings.draw_tag
     out = []
     for label, problems in self.problem_sets():
       for r in self.remasking:
-        tags = [
-          t for t in (r if r != "low_confidence" else "", mode if mode != "exact" else "") if t
-        ]
+        tags = [t for t in (r if r != "low_confidence" else "", draw, mode) if t and t != "exact"]
         out.append((f"{label}[{','.join(tags)}]" if tags else label, problems, r))
     return out
 

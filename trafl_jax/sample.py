@@ -238,10 +238,11 @@ class Generator:
     """`(completion_NxL, commit_step_NxL, logp_NxL)` for prompts given as token ids (no tokenizer
     needed): the whole completion region (EOS fill included), the denoising step that committed each
     position and its log-probability when it was drawn (`sampler.generate`). `modes` are the
-    sampler's speed settings (`sampler.MODE_FIELDS`: cache, threshold, stop_at_eos, ...)."""
-    unknown = sorted(set(modes) - set(sampler.MODE_FIELDS))
+    sampler's other settings (`sampler.SECTION_FIELDS`: cache, threshold, stop_at_eos, schedule,
+    top_p, ...)."""
+    unknown = sorted(set(modes) - set(sampler.SECTION_FIELDS))
     if unknown:
-      raise ValueError(f"unknown sampler settings {unknown}; modes: {list(sampler.MODE_FIELDS)}")
+      raise ValueError(f"unknown sampler settings {unknown}; known: {list(sampler.SECTION_FIELDS)}")
     scfg = sampler.SamplerConfig(
       gen_length=gen_length,
       steps=steps,
@@ -341,7 +342,7 @@ def main(argv) -> None:
     cfg_scale=f.cfg_scale,
     seed=f.seed,
     batch_size=f.batch_size,
-    **{k: f[k].value for k in sampler.MODE_FIELDS},
+    **{k: f[k].value for k in sampler.SECTION_FIELDS},
   )
   try:
     prompts = list(f.prompt or []) + (read_prompts(f.prompts_file) if f.prompts_file else [])
@@ -385,6 +386,13 @@ def _define_flags() -> None:
   flags.DEFINE_float("threshold", 0.0, "Commit every position above this confidence (0: off).")
   flags.DEFINE_bool("stop_at_eos", False, "Rows that finished their answer stop computing.")
   flags.DEFINE_integer("micro_batch", 0, "Sampler rows per pass (0: the whole batch).")
+  flags.DEFINE_enum(
+    "schedule", "llada", list(sampler.SCHEDULES), "Commit counts: LLaDA's blocks or Dream's."
+  )
+  flags.DEFINE_float("top_p", 1.0, "Nucleus filter before drawing (1: off).")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens before drawing (0: off).")
+  flags.DEFINE_float("alg_temp", 0.0, "Draw positions by confidence at this temperature (0: top).")
+  flags.DEFINE_float("eps", 1e-3, "Dream's last timestep (schedule dream).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call (rounded up to the devices).")
   flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Apply the chat template.")

@@ -6,12 +6,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import common
 from configs import math as math_config
 from trafl_jax import config_lib, metrics, objectives, pipeline, posttrain
 
+from .conftest import FAMILIES
 
-def _config(**rl):
+
+def _config(family="llada", **rl):
   config = math_config.get_config("tiny")
+  if family == "dream":  # the same job on a Dream-shaped model (shifted predictions, q/k/v biases)
+    common.apply_preset(config, "dream_tiny")
   with config.unlocked():
     config.train.progress = False
     for key, value in rl.items():
@@ -26,11 +31,21 @@ def reference(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def references(reference, tmp_path_factory):
+  """A tiny reference of each model family."""
+  path = str(tmp_path_factory.mktemp("posttrain_dream") / "reference")
+  pipeline.reference_stage(_config("dream"), path)
+  return {"llada": reference, "dream": path}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("objective", objectives.OBJECTIVES)
-def test_each_objective_runs_end_to_end(reference, tmp_path, objective):
+def test_each_objective_runs_end_to_end(references, tmp_path, objective, family):
   workdir = str(tmp_path / objective)
   extra = {"num_inner_updates": 2} if objective in ("diffu_grpo", "elbo_grpo") else {}
-  last = pipeline.posttrain_stage(_config(objective=objective, **extra), workdir, reference)
+  config = _config(family, objective=objective, **extra)
+  last = pipeline.posttrain_stage(config, workdir, references[family])
   records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records] == [1, 2, 3]
   for key in (

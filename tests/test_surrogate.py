@@ -1,5 +1,6 @@
 """The sequence-level surrogate l(y|x): scored positions, shared coupled masks, exactness, unbiasedness."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from flax import linen as nn
 from trafl_jax import diffusion, objectives, rl
 from trafl_jax import model as model_lib
 
-from .conftest import small_model_config
+from .conftest import FAMILIES, family_config, small_model_config
 
 CFG = small_model_config(n_kv_heads=4)
 MODEL = model_lib.Transformer(CFG)
@@ -91,6 +92,25 @@ def test_one_token_completion_is_exact():
   for seed in range(5):
     masks = diffusion.surrogate_masks(jax.random.PRNGKey(seed), scored, "pair", 2)
     np.testing.assert_allclose(_surrogate(params, tokens, valid, masks, scored), exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_objectives_log_probs_are_the_familys_prediction_of_each_masked_token(family):
+  """`log_prob_fn` (what every objective scores with) reads a masked position's prediction where the
+  family makes it: LLaDA from the position itself, Dream from the position before it (a Dream model
+  whose head reads position i - 1's state)."""
+  cfg = family_config(family, n_kv_heads=4)
+  model = model_lib.Transformer(cfg)
+  tokens, valid, _ = _batch(3)
+  p = model.init(jax.random.PRNGKey(3), tokens, valid)
+  params = jax.tree.map(lambda x: 3.0 * x, nn.unbox(p["params"]))
+  masked = tokens.at[:, 6].set(CFG.mask_token_id)
+  got = objectives.log_prob_fn(model)(params, masked, valid, tokens)[:, 6]
+  source = 5 if family == "dream" else 6  # the position whose state predicts position 6
+  unshifted = model_lib.Transformer(dataclasses.replace(cfg, shift_logits=False))
+  raw = unshifted.apply({"params": params}, masked, valid)
+  want = jax.nn.log_softmax(raw[:, source])[np.arange(2), tokens[:, 6]]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_two_token_estimate_is_unbiased_for_its_elbo():

@@ -14,7 +14,7 @@ from trafl_jax import model as model_lib
 from trafl_jax import sharding
 from trafl_jax import state as state_lib
 
-from .conftest import small_model_config
+from .conftest import FAMILIES, family_config, small_model_config
 
 TINY = small_model_config(vocab_size=64)
 
@@ -34,6 +34,13 @@ def tiny_params():
   return nn.unbox(_init(TINY))
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+  """(cfg, params) of a tiny model of each family."""
+  cfg = family_config(request.param, vocab_size=64)
+  return cfg, nn.unbox(_init(cfg))
+
+
 def test_shapes_and_dtypes(tiny_params):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 0, TINY.vocab_size)
   logits, hidden = _apply(TINY, tiny_params, tokens, jnp.ones((3, 12), bool), return_hidden=True)
@@ -45,7 +52,8 @@ def test_shapes_and_dtypes(tiny_params):
   assert n == TINY.num_params()
 
 
-def test_padding_positions_do_not_affect_other_logits(tiny_params):
+def test_padding_positions_do_not_affect_other_logits(family_model):
+  TINY, tiny_params = family_model
   rng = np.random.default_rng(0)
   tokens = rng.integers(5, TINY.vocab_size, (2, 12))
   valid = np.ones((2, 12), bool)
@@ -54,10 +62,12 @@ def test_padding_positions_do_not_affect_other_logits(tiny_params):
   tokens2 = tokens.copy()
   tokens2[:, :4] = rng.integers(0, TINY.vocab_size, (2, 4))
   other = _apply(TINY, tiny_params, jnp.asarray(tokens2), jnp.asarray(valid))
-  np.testing.assert_allclose(base[:, 4:], other[:, 4:], atol=1e-5)
+  # (Dream: the first real token's prediction is a padding position's state, which nothing reads.)
+  first = 5 if TINY.shift_logits else 4
+  np.testing.assert_allclose(base[:, first:], other[:, first:], atol=1e-5)
   # And left padding is invisible: RoPE is relative, so the unpadded row gives the same logits.
   unpadded = _apply(TINY, tiny_params, jnp.asarray(tokens[:, 4:]), jnp.ones((2, 8), bool))
-  np.testing.assert_allclose(base[:, 4:], unpadded, atol=1e-4)
+  np.testing.assert_allclose(base[:, first:], unpadded[:, first - 4 :], atol=1e-4)
   # Sanity: changing a valid token does change other positions (attention is bidirectional).
   tokens3 = tokens.copy()
   tokens3[:, -1] = (tokens3[:, -1] + 1) % TINY.vocab_size
@@ -111,7 +121,8 @@ def test_grouped_kv_heads_map_query_head_j_to_kv_head_j_over_group(tiny_params):
   )
 
 
-def test_scan_remat_and_unrolled_agree(tiny_params):
+def test_scan_remat_and_unrolled_agree(family_model):
+  TINY, tiny_params = family_model
   tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, TINY.vocab_size)
   valid = jnp.ones((2, 12), bool)
   base = _apply(TINY, tiny_params, tokens, valid)
@@ -160,7 +171,8 @@ def test_bad_model_config_names_the_problem():
     dataclasses.replace(TINY, logits_chunk=-1)
 
 
-def test_sharded_and_unsharded_forward_agree(tiny_params):
+def test_sharded_and_unsharded_forward_agree(family_model):
+  TINY, tiny_params = family_model
   mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
   rules = sharding.rules_from_config(common.sharding_rules().to_dict())
   model = model_lib.Transformer(TINY)
@@ -201,7 +213,13 @@ GOLDEN_SPECS = {
 }
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mini", "small", "1b", "llada_8b"])
+# Dream's q/k/v biases follow their kernels' output axis (heads, or kv_heads: tensor).
+DREAM_SPECS = {f"blocks/attn/{n}_proj/bias": P(None, "tensor") for n in "qkv"}
+
+
+@pytest.mark.parametrize(
+  "preset", ["tiny", "mini", "small", "1b", "llada_8b", "dream_tiny", "dream_7b"]
+)
 def test_golden_partition_specs(preset):
   values = {k: v for k, v in common.model_config(preset).items() if k != "preset"}
   cfg = model_lib.ModelConfig(**values)
@@ -218,7 +236,7 @@ def test_golden_partition_specs(preset):
       logical, is_leaf=lambda x: isinstance(x, P)
     )
   }
-  assert got == GOLDEN_SPECS
+  assert got == (GOLDEN_SPECS | DREAM_SPECS if preset.startswith("dream") else GOLDEN_SPECS)
   shapes = {
     "/".join(k.key for k in p): x.shape
     for p, x in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
@@ -227,5 +245,7 @@ def test_golden_partition_specs(preset):
   assert shapes["blocks/mlp/ff_proj/kernel"] == (cfg.n_layers, cfg.d_model, cfg.mlp_hidden)
   if preset == "llada_8b":
     assert 7.5e9 < cfg.num_params() < 8.5e9
+  if preset == "dream_7b":  # Dream-v0-7B's model card: 7.62B
+    assert round(cfg.num_params() / 1e9, 2) == 7.62
   if preset == "small":
     assert 5e6 < cfg.num_params() < 20e6

@@ -4,7 +4,10 @@ tiny random checkpoint saved by Dream's `save_pretrained`, its logits on a left-
 greedy `diffusion_generate` outputs with the step that committed each position."""
 
 import functools
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -80,3 +83,28 @@ def test_dream_timesteps_are_torch_linspace_bit_for_bit(golden):
   for key in (k for k in golden if k.startswith("linspace_")):
     steps = int(key.split("_")[1])
     np.testing.assert_array_equal(sampler.dream_timesteps(steps, 1e-3), golden[key])
+
+
+def test_the_sample_command_on_dreams_directory_gives_dreams_tokens(golden):
+  """`python -m trafl_jax.sample` on the Hugging Face directory Dream's code saved, with Dream's
+  settings as flags: each prompt's tokens before EOS are Dream's (our prompts padded wider)."""
+  case = "entropy_16_1_0"
+  ids = [row[valid] for row, valid in zip(golden["prompt"], golden["prompt_valid"])]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = ["--gen_length=16", "--steps=16", "--block_length=16", "--schedule=dream"]
+  flags += ["--remasking=entropy", "--batch_size=3"]
+  flags += [f"--prompt_ids={','.join(map(str, row))}" for row in ids]
+  result = subprocess.run(
+    [sys.executable, "-m", "trafl_jax.sample", f"--checkpoint={FIXTURES}", *flags],
+    cwd=FIXTURES.parents[2],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  eos = 62  # config.json's eos_token_id
+  for i, (prompt, want) in enumerate(zip(ids, golden[f"gen_{case}"])):
+    end = list(want).index(eos) if eos in want else len(want)
+    block = f"=== ids {i}: {' '.join(map(str, prompt))}\n{' '.join(map(str, want[:end]))}\n"
+    assert block in result.stdout

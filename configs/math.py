@@ -40,6 +40,7 @@ alg entropy over one block, one token per step; combine with d1 for the baseline
   python -m trafl_jax.convert --src=/models/Dream-v0-Instruct-7B --dst=/ckpt/dream7b
   python -m trafl_jax.main --config=configs/math.py:dream_gsm8k --workdir=runs/dream_gsm8k \
     --config.rl.reference=/ckpt/dream7b --config.rl.train_path=/data/gsm8k/train.jsonl
+  (dream_gsm8k_lora: with d1's adapters on a bfloat16 base, on one accelerator, as gsm8k_lora)
 Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference making, no post-training):
   python -m trafl_jax.main --config=configs/math.py:gsm8k_sft --workdir=runs/gsm8k_sft \
     --config.data.train_path=/data/gsm8k/train.jsonl
@@ -48,7 +49,7 @@ Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference maki
 from configs import common
 
 VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_lora", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
-VARIANTS += ("dream_gsm8k",)
+VARIANTS += ("dream_gsm8k", "dream_gsm8k_lora")
 
 
 def get_config(arg: str | None = None):
@@ -103,6 +104,8 @@ def get_config(arg: str | None = None):
     common.apply_preset(c, "small")
   if "gsm8k_lora" in variants:  # gsm8k with d1's adapters: one 80 GB GPU, or a Colab TPU chip
     variants.append("gsm8k")
+  if "dream_gsm8k_lora" in variants:  # the same adapters on Dream-7B
+    variants.append("dream_gsm8k")
   if "gsm8k" in variants:
     # The reference is LLaDA-8B-Instruct (rl.reference); the model section follows it on load.
     common.llada_8b_posttraining(c, "gsm8k")
@@ -116,6 +119,8 @@ def get_config(arg: str | None = None):
     c.rl.num_steps = 1000
     c.eval.tasks = ("gsm8k",)
     c.eval.splits = ("test",)
+  if "dream_gsm8k_lora" in variants:
+    common.d1_lora(c)
   if "gsm8k_sft" in variants:
     common.apply_preset(c, "small")
     c.stages = ("reference",)

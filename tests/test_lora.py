@@ -67,8 +67,9 @@ def _leaf_names(tree) -> set:
   return {path[-1] for path in traverse_util.flatten_dict(tree)}
 
 
-def test_zero_adapters_are_the_base_and_merging_is_exact():
-  base_cfg = model_lib.ModelConfig(**model_lib.PRESETS["tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "dream_tiny"])  # dream_tiny: biased q/k/v projections
+def test_zero_adapters_are_the_base_and_merging_is_exact(preset):
+  base_cfg = model_lib.ModelConfig(**model_lib.PRESETS[preset])
   cfg = lora.LoraConfig(**LORA).adapt(base_cfg)
   model, params = _tiny_params(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 5, base_cfg.vocab_size)
@@ -94,7 +95,7 @@ def test_zero_adapters_are_the_base_and_merging_is_exact():
   flat_base, flat_merged = traverse_util.flatten_dict(base), traverse_util.flatten_dict(merged)
   changed = {p for p in flat_base if not np.array_equal(flat_base[p], flat_merged[p])}
   assert {p[-2] for p in changed} == set(LORA["targets"])
-  assert ("ff_out", "kernel") not in changed
+  assert ("ff_out", "kernel") not in changed and all(p[-1] == "kernel" for p in changed)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,16 @@ SETTINGS: dict[str, dict] = {
     "rl.train_limit": 200,
     "rl.problems_seed": 0,
   },
+  # diffu_grpo with as many rollout steps as TraFL's 600 (d1's 8 inner updates a batch: 4,800 updates
+  # on 38,400 rollouts, against TraFL's 600 updates on 153,600).
+  "p200_diffu_grpo_d1_lr3e-5_600": {
+    "variant": "d1",
+    "rl.objective": "diffu_grpo",
+    "rl.lr": 3e-5,
+    "rl.train_limit": 200,
+    "rl.problems_seed": 0,
+    "rl.num_steps": 600,
+  },
   # 8 updates per rollout batch alone (TraFL's optimizer and temperature otherwise).
   "bounded_mu8_lr3e-4": {
     "rl.lr": 3e-4,

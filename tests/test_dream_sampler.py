@@ -169,6 +169,22 @@ def test_processed_logits_keep_dreams_top_p_and_top_k_sets():
   assert (out[0, 0, 3:] < -1e30).all()
 
 
+def test_top_p_keeps_the_set_dreams_sort_keeps_on_random_logits():
+  """The bisection threshold keeps exactly the tokens the sort-and-cumsum of Dream's `top_p_logits`
+  keeps, on peaked and flat rows, negative and positive logits, at several top_p."""
+  rng = np.random.default_rng(0)
+  scale = np.array([0.1, 1.0, 3.0, 10.0, 30.0])[:, None, None]  # rows spanning signs and magnitudes
+  logits = (
+    rng.normal(size=(5, 6, 300)) * scale + np.array([-2.0, 0.0, 2.0, -40.0, 5.0])[:, None, None]
+  )
+  for top_p in (0.05, 0.3, 0.9, 0.999):
+    got = np.asarray(
+      sampler.processed_logits(jnp.asarray(logits), sampler.SamplerConfig(top_p=top_p))
+    )
+    want = _dream_probs(logits, top_p, 0)  # NumPy: sort, cumsum, shift right (float64)
+    np.testing.assert_array_equal(got > -1e30, want > 0)
+
+
 def test_a_sampled_dream_token_is_drawn_from_the_filtered_distribution(params):
   """At temperature 1 with top-k 2, every committed token is one of its step's two most likely, and
   its recorded log-probability is under the renormalized pair."""

@@ -249,24 +249,59 @@ def dream_ratios(cfg: SamplerConfig) -> np.ndarray:
 def processed_logits(logits_BxLxV: jax.Array, cfg: SamplerConfig) -> jax.Array:
   """The logits tokens are drawn from, float32: divided by the temperature (when > 0), then
   Dream's top-p (the smallest set of most likely tokens whose probability reaches `top_p`, the most
-  likely always kept), then top-k (the `top_k` largest, ties with the k-th kept); removed tokens get
-  float32's lowest value, as Dream's `top_p_logits` / `top_k_logits` do."""
+  likely always kept: `top_p_threshold`), then top-k (the `top_k` largest, ties with the k-th kept);
+  removed tokens get float32's lowest value, as Dream's `top_p_logits` / `top_k_logits` do."""
   x_BxLxV = logits_BxLxV.astype(jnp.float32)
   if cfg.temperature > 0:
     x_BxLxV = x_BxLxV / cfg.temperature
   lowest = jnp.finfo(jnp.float32).min
   if cfg.top_p < 1.0:
-    sorted_BxLxV = -jnp.sort(-x_BxLxV, axis=-1)
-    cumulative_BxLxV = jnp.cumsum(jax.nn.softmax(sorted_BxLxV, axis=-1), axis=-1)
-    # A token is removed once the more likely ones reach top_p: the kept ones are a prefix of the
-    # sorted order (a tie with its last member is kept too, where torch's unstable sort may not).
-    keep_BxLx1 = 1 + jnp.sum(cumulative_BxLxV[..., :-1] <= cfg.top_p, axis=-1, keepdims=True)
-    last_BxLx1 = jnp.take_along_axis(sorted_BxLxV, keep_BxLx1 - 1, axis=-1)
-    x_BxLxV = jnp.where(x_BxLxV < last_BxLx1, lowest, x_BxLxV)
+    x_BxLxV = jnp.where(x_BxLxV < top_p_threshold(x_BxLxV, cfg.top_p), lowest, x_BxLxV)
   if cfg.top_k:
     kth_BxLx1 = jax.lax.top_k(x_BxLxV, min(cfg.top_k, x_BxLxV.shape[-1]))[0][..., -1:]
     x_BxLxV = jnp.where(x_BxLxV < kth_BxLx1, lowest, x_BxLxV)
   return x_BxLxV
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (negative floats' magnitude bits flipped)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _unsortable(key: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(
+    jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32
+  )
+
+
+def top_p_threshold(x_BxLxV: jax.Array, top_p: float) -> jax.Array:
+  """The smallest logit Dream's top-p keeps, `[B, L, 1]`: Dream sorts the vocabulary and keeps a token
+  while the probability of the tokens before it is at most `top_p`, i.e. it keeps exactly the tokens
+  whose logit `l` has `mass_above(l) = sum(p[x > l]) <= top_p`. `mass_above` does not increase with
+  `l`, so the threshold is found by bisection over the float32 values between the row's minimum and
+  maximum (32 halvings of their int32 keys, each a reduction over V): no sorted copy of the BxLxV
+  logits is held (a sort costs several at a 152k vocabulary)."""
+  x_BxLxV = x_BxLxV.astype(jnp.float32)
+  max_BxLx1 = jnp.max(x_BxLxV, axis=-1, keepdims=True)
+  normalizer_BxLx1 = jnp.sum(jnp.exp(x_BxLxV - max_BxLx1), axis=-1, keepdims=True)
+
+  def mass_above(t_BxLx1):
+    above_BxLxV = x_BxLxV > t_BxLx1
+    return jnp.sum(jnp.where(above_BxLxV, jnp.exp(x_BxLxV - max_BxLx1), 0.0), -1, keepdims=True)
+
+  # Invariant: the answer's key is in (lo, hi]; hi (the maximum) always qualifies (nothing is above).
+  lo = _sortable(jnp.min(x_BxLxV, axis=-1, keepdims=True)) - 1
+  hi = _sortable(max_BxLx1)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without int32 overflow
+    ok = mass_above(_unsortable(mid)) <= top_p * normalizer_BxLx1
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 33, halve, (lo, hi))
+  return _unsortable(hi)
 
 
 def confidence(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, remasking: str) -> jax.Array:

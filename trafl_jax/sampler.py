@@ -280,8 +280,10 @@ def top_p_threshold(x_BxLxV: jax.Array, top_p: float) -> jax.Array:
   while the probability of the tokens before it is at most `top_p`, i.e. it keeps exactly the tokens
   whose logit `l` has `mass_above(l) = sum(p[x > l]) <= top_p`. `mass_above` does not increase with
   `l`, so the threshold is found by bisection over the float32 values between the row's minimum and
-  maximum (32 halvings of their int32 keys, each a reduction over V): no sorted copy of the BxLxV
-  logits is held (a sort costs several at a 152k vocabulary)."""
+  maximum (33 halvings of their int32 keys, each a reduction over V): no sorted copy of the BxLxV
+  logits is held. The same set as the sort up to float32 rounding of the mass at the boundary (the
+  summation orders differ): at 152,064 flat logits, 13,560 kept, 3% of positions differ by one token
+  (scripts/bench_top_p.py; 13x faster on CPU, half the temporaries)."""
   x_BxLxV = x_BxLxV.astype(jnp.float32)
   max_BxLx1 = jnp.max(x_BxLxV, axis=-1, keepdims=True)
   normalizer_BxLx1 = jnp.sum(jnp.exp(x_BxLxV - max_BxLx1), axis=-1, keepdims=True)

@@ -36,8 +36,7 @@ def get_config(arg: str | None = None):
   c = common.base_config("llada_8b")
   if "diffucoder" in variants:
     common.dream_7b_posttraining(c, "mbpp")
-    common.coupled_grpo(c)
-    c.rl.objective = "trafl"  # the main run; --config.rl.objective=elbo_grpo: the baseline
+    common.coupled_grpo(c)  # TraFL by default; --config.rl.objective=elbo_grpo: the baseline
   else:
     common.llada_8b_posttraining(c, "mbpp")
   c.rl.num_steps = 500

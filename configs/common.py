@@ -280,8 +280,7 @@ def coupled_grpo(c: ml_collections.ConfigDict) -> None:
   updates per rollout batch, PPO clip 0.5, k3 KL 0.01, lr 1e-6, weight decay 0.1, gradient norm 0.2,
   and its coupled masks (t ~ U(0.2, 0.8) and the complement: the pair estimator). Not modelled: its
   extra fully masked pass in the log-probability, leave-one-out advantages, the reference re-synced
-  every 64 steps, the cosine schedule."""
-  c.rl.objective = "elbo_grpo"
+  every 64 steps, the cosine schedule. The objective stays the config's (elbo_grpo is the baseline's)."""
   c.rl.group_size = 10
   c.rl.prompts_per_step = 8
   c.rl.gen_length = c.rl.sample_steps = c.rl.block_length = 256

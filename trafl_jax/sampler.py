@@ -328,10 +328,13 @@ def committed_log_probs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, cfg: Sam
   the distribution the sampler draws it from (temperature, top-p, top-k). At temperature 0 (greedy,
   a point mass) it is the model's own `log softmax(logits)[token]`. Written as reductions over V, as
   `chosen_probability` is, so no second BxLxV array is held (without top-p)."""
-  if cfg.temperature > 0:
-    scaled_BxLxV = processed_logits(logits_BxLxV, cfg)
-  else:
-    scaled_BxLxV = logits_BxLxV.astype(jnp.float32)
+  scaled_BxLxV = processed_logits(logits_BxLxV, cfg) if cfg.temperature > 0 else logits_BxLxV
+  return _log_prob_of(scaled_BxLxV, tokens_BxL)
+
+
+def _log_prob_of(scaled_BxLxV, tokens_BxL):
+  """`log softmax(scaled)[token]` in float32, as reductions over V."""
+  scaled_BxLxV = scaled_BxLxV.astype(jnp.float32)
   chosen_BxL = jnp.take_along_axis(scaled_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
   return chosen_BxL - jax.nn.logsumexp(scaled_BxLxV, axis=-1)
 
@@ -491,7 +494,9 @@ def denoise_step(
   commit_BxW = _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w0, cfg)
   completion_BxW = jnp.where(commit_BxW, sampled_BxW.astype(jnp.int32), completion_BxW)
   step_BxW = jnp.where(commit_BxW, carry.step, _window(carry.commit_step_BxL, w0, width))
-  logp_sampled_BxW = committed_log_probs(logits_BxWxV, sampled_BxW, cfg)
+  # `committed_log_probs` on the processed logits the draw already used (top-p is not run twice).
+  scaled_BxWxV = drawn_BxWxV if cfg.temperature > 0 else logits_BxWxV
+  logp_sampled_BxW = _log_prob_of(scaled_BxWxV, sampled_BxW)
   logp_BxW = jnp.where(commit_BxW, logp_sampled_BxW, _window(carry.logp_BxL, w0, width))
   return Carry(
     jax.lax.dynamic_update_slice_in_dim(tokens_BxT, completion_BxW, p + w0, axis=1),

@@ -40,7 +40,8 @@ def sampler_modes() -> ml_collections.ConfigDict:
   """The sampler's speed modes and draw settings (sampler.SECTION_FIELDS; the defaults are LLaDA's
   exact sampler): cache none | prefix | dual, refresh_every (steps of a block between cache
   refreshes; 0: once per block), threshold (commit every position more confident than it; 0: LLaDA's
-  per-step counts), stop_at_eos, micro_batch (rows per sampler pass; 0: the whole batch); schedule
+  per-step counts), threshold_floor (what a thresholded step commits at least: "one", or "schedule":
+  the exact schedule's count), stop_at_eos, micro_batch (rows per sampler pass; 0: the whole batch); schedule
   llada | dream (Dream's `linspace(1, eps, steps + 1)` commit counts, confidences of the distribution
   drawn from), top_p, top_k (0: off), alg_temp (draw positions by confidence; 0: the most confident),
   eps (Dream's last timestep)."""
@@ -49,6 +50,7 @@ def sampler_modes() -> ml_collections.ConfigDict:
       cache="none",
       refresh_every=0,
       threshold=0.0,
+      threshold_floor="one",
       stop_at_eos=False,
       micro_batch=0,
       schedule="llada",

@@ -59,6 +59,7 @@ def parse_mode(spec: str) -> tuple[str, dict]:
   """`dual_t0.9=cache:dual+threshold:0.9` -> ("dual_t0.9", {"cache": "dual", "threshold": 0.9})."""
   name, _, body = spec.partition("=")
   kinds = {"cache": str, "refresh_every": int, "threshold": float, "micro_batch": int}
+  kinds["threshold_floor"] = str
   modes = {}
   for item in [i for i in body.split("+") if i]:
     key, _, value = item.partition(":")

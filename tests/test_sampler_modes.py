@@ -1,6 +1,7 @@
 """The sampler's fast modes (prefix and dual caches, the confidence threshold, stop_at_eos,
 micro-batches) against the exact sampler and against loops written out by hand."""
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -176,6 +177,43 @@ def test_a_threshold_commits_every_confident_position_and_takes_fewer_steps(fam)
   assert out.nfe_B[clean].mean() < BASE["gen_length"] - 4  # steps commit several tokens
 
 
+def test_a_schedule_floor_is_the_exact_sampler_when_nothing_passes(fam):
+  prompt, valid = _prompts()
+  floored = _generate(fam, prompt, valid, threshold=1.0, threshold_floor="schedule")
+  exact = _generate(fam, prompt, valid)
+  for field in ("completion_BxL", "commit_step_BxL", "logp_BxL", "nfe_B"):
+    np.testing.assert_array_equal(getattr(floored, field), getattr(exact, field))
+
+
+def test_a_schedule_floor_commits_the_schedule_and_every_confident_position():
+  # Confidence p of the sampled token 0 at each of 8 positions (logits log p, log(1 - p)).
+  p_BxW = np.array(
+    [[0.95, 0.2, 0.6, 0.5, 0.1, 0.3, 0.55, 0.4], [0.95, 0.93, 0.2, 0.91, 0.1, 0.3, 0.5, 0.4]]
+  )
+  logits_BxWxV = jnp.asarray(np.log(np.stack([p_BxW, 1 - p_BxW], -1)), jnp.float32)
+  sampled_BxW = jnp.zeros((2, 8), jnp.int32)
+  eligible_BxW = jnp.asarray(np.arange(8) != 2)[None, :].repeat(2, 0)  # position 2 is committed
+
+  def chosen(floor):
+    cfg = sampler.SamplerConfig(**BASE, threshold=0.9, threshold_floor=floor)  # 2 per step
+    rng = jax.random.PRNGKey(0)
+    out = sampler._choose(logits_BxWxV, logits_BxWxV, sampled_BxW, eligible_BxW, 0, rng, 0, cfg)
+    return [np.nonzero(row)[0].tolist() for row in np.asarray(out)]
+
+  assert chosen("one") == [[0], [0, 1, 3]]  # above 0.9, at least the most confident
+  assert chosen("schedule") == [[0, 6], [0, 1, 3]]  # the schedule's 2 most confident at least
+
+
+def test_a_schedule_floor_never_takes_more_steps_than_the_schedule(fam):
+  prompt, valid = _prompts(batch=8)
+  out = _generate(fam, prompt, valid, threshold=0.3, threshold_floor="schedule")
+  below = np.exp(out.logp_BxL) <= 0.3  # greedy: the recorded log-probability is the confidence
+  per_step = sampler.commit_schedule(sampler.SamplerConfig(**BASE))[0]
+  for row in range(8):  # a step commits at most the schedule's count below the threshold
+    assert np.bincount(out.commit_step_BxL[row][below[row]], minlength=1).max() <= per_step
+  assert (out.nfe_B <= BASE["steps"]).all() and out.nfe_B.mean() < BASE["steps"]
+
+
 def _first_eos(row):
   hits = np.nonzero(row == CFG.eos_token_id)[0]
   return hits[0] if hits.size else None
@@ -261,3 +299,8 @@ def test_bad_mode_settings_are_named():
   assert sampler.SamplerConfig().mode == "exact" and sampler.SamplerConfig().exact
   fast = sampler.SamplerConfig(cache="dual", refresh_every=4, threshold=0.9, stop_at_eos=True)
   assert fast.mode == "dual/r4+t0.9+eos" and not fast.exact
+  with pytest.raises(ValueError, match="threshold_floor 'two'"):
+    sampler.SamplerConfig(threshold=0.9, threshold_floor="two")
+  floored = sampler.SamplerConfig(gen_length=24, steps=12, block_length=8, threshold=0.9)
+  floored = dataclasses.replace(floored, threshold_floor="schedule")
+  assert floored.mode == "t0.9s" and floored.steps_bound_per_block == 4

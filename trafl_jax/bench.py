@@ -61,6 +61,12 @@ _REFRESH = flags.DEFINE_integer(
 _THRESHOLD = flags.DEFINE_float(
   "threshold", 0.0, "sample, rl: confidence threshold (0: LLaDA's counts)."
 )
+_FLOOR = flags.DEFINE_enum(
+  "threshold_floor",
+  "one",
+  list(sampler.THRESHOLD_FLOORS),
+  "sample, rl: a thresholded step commits at least one position, or the exact schedule's count.",
+)
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", False, "sample, rl: finished rows stop computing.")
 _MICRO = flags.DEFINE_integer("micro_batch", 0, "sample, rl: sampler rows per pass (0: all).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -409,6 +415,7 @@ def _modes() -> dict:
     cache=_CACHE.value,
     refresh_every=_REFRESH.value,
     threshold=_THRESHOLD.value,
+    threshold_floor=_FLOOR.value,
     stop_at_eos=_STOP_AT_EOS.value,
     micro_batch=_MICRO.value,
   )

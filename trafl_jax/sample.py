@@ -384,6 +384,12 @@ def _define_flags() -> None:
   flags.DEFINE_enum("cache", "none", list(sampler.CACHES), "Key/value cache: none, prefix, dual.")
   flags.DEFINE_integer("refresh_every", 0, "Cache refresh every N steps of a block (0: per block).")
   flags.DEFINE_float("threshold", 0.0, "Commit every position above this confidence (0: off).")
+  flags.DEFINE_enum(
+    "threshold_floor",
+    "one",
+    list(sampler.THRESHOLD_FLOORS),
+    "What a thresholded step commits at least: one position, or the exact schedule's count.",
+  )
   flags.DEFINE_bool("stop_at_eos", False, "Rows that finished their answer stop computing.")
   flags.DEFINE_integer("micro_batch", 0, "Sampler rows per pass (0: the whole batch).")
   flags.DEFINE_enum(

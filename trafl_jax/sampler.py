@@ -21,6 +21,9 @@ Modes (`SamplerConfig`, composable; the defaults are LLaDA's exact semantics):
   threshold       commit every eligible position whose confidence exceeds it, and at least the most
                   confident: a block takes as many steps as it needs (at most its length). 0: LLaDA's
                   per-step commit counts.
+  threshold_floor what a thresholded step commits at least: "one" (the most confident: Fast-dLLM's
+                  parallel decoding) or "schedule" (the exact schedule's count for the step, so a block
+                  never takes more steps than the exact sampler's; threshold 1.0 is the exact sampler).
   stop_at_eos     once a row has committed an EOS and everything before it, its remaining MASKs become
                   EOS (log-probability 0: not drawn) and it computes no more; the batch stops when every
                   row has.
@@ -64,7 +67,16 @@ DREAM_ALGS = {
 }
 CACHES = ("none", "prefix", "dual")
 # SamplerConfig's speed settings, set together (config sections rl.rollout and eval.sampler).
-MODE_FIELDS = ("cache", "refresh_every", "threshold", "stop_at_eos", "micro_batch")
+MODE_FIELDS = (
+  "cache",
+  "refresh_every",
+  "threshold",
+  "threshold_floor",
+  "stop_at_eos",
+  "micro_batch",
+)
+# What a thresholded step commits at least: the most confident position, or the exact schedule's count.
+THRESHOLD_FLOORS = ("one", "schedule")
 # Its other settings a config section may set beside them (Dream's generate(), top-p and top-k).
 DRAW_FIELDS = ("schedule", "top_p", "top_k", "alg_temp", "eps")
 SECTION_FIELDS = MODE_FIELDS + DRAW_FIELDS
@@ -81,6 +93,7 @@ class SamplerConfig:
   cache: str = "none"
   refresh_every: int = 0
   threshold: float = 0.0
+  threshold_floor: str = "one"
   stop_at_eos: bool = False
   micro_batch: int = 0
   schedule: str = "llada"
@@ -118,6 +131,8 @@ class SamplerConfig:
       raise ValueError(f"refresh_every and micro_batch must be >= 0: {self}")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"threshold {self.threshold} is not in [0, 1] (0: LLaDA's schedule)")
+    if self.threshold_floor not in THRESHOLD_FLOORS:
+      raise ValueError(f"threshold_floor {self.threshold_floor!r} is not one of {THRESHOLD_FLOORS}")
     if self.remasking == "origin" and self.schedule != "dream":
       raise ValueError(
         "remasking 'origin' reveals with probability 1 - s/t: it needs schedule 'dream'"
@@ -145,7 +160,7 @@ class SamplerConfig:
     if self.cache != "none":
       parts.append(self.cache + (f"/r{self.refresh_every}" if self.refresh_every else ""))
     if self.threshold:
-      parts.append(f"t{self.threshold:g}")
+      parts.append(f"t{self.threshold:g}" + ("s" if self.threshold_floor == "schedule" else ""))
     if self.stop_at_eos:
       parts.append("eos")
     return "+".join(parts) or "exact"
@@ -170,8 +185,11 @@ class SamplerConfig:
 
   @property
   def steps_bound_per_block(self) -> int:
-    """Steps a block may take: its length with a threshold, the schedule's otherwise."""
-    return self.block_length if self.threshold else self.steps_per_block
+    """Steps a block may take: its length with a threshold that commits at least one position a
+    step, the schedule's otherwise."""
+    if self.threshold and self.threshold_floor == "one":
+      return self.block_length
+    return self.steps_per_block
 
   @property
   def num_blocks(self) -> int:
@@ -513,7 +531,9 @@ def _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w
   the model's softmax (as LLaDA does); Dream's on the distribution drawn from (`processed_logits`),
   and commits `floor(masks * (1 - s/t))` of a row's eligible positions (all at the block's last
   step). `alg_temp` draws that many without replacement, with probabilities proportional to
-  `exp(confidence / alg_temp)` (Gumbel top-k: Dream's `multinomial` of that softmax)."""
+  `exp(confidence / alg_temp)` (Gumbel top-k: Dream's `multinomial` of that softmax). A threshold
+  adds every eligible position more confident than it to at least one (`threshold_floor` "one") or
+  to the schedule's count ("schedule")."""
   b, width = eligible_BxW.shape
   if cfg.remasking in ("random", "origin"):
     uniform_BxL = jax.random.uniform(jax.random.fold_in(step_rng, 1), (b, cfg.gen_length))
@@ -524,8 +544,9 @@ def _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w
   else:
     scored_BxWxV = drawn_BxWxV if cfg.schedule == "dream" else logits_BxWxV
     score_BxW = confidence(scored_BxWxV, sampled_BxW, cfg.remasking)
-    if cfg.threshold:
-      return top_k_mask(score_BxW, eligible_BxW, 1) | (eligible_BxW & (score_BxW > cfg.threshold))
+    above_BxW = eligible_BxW & (score_BxW > cfg.threshold)
+    if cfg.threshold and cfg.threshold_floor == "one":
+      return top_k_mask(score_BxW, eligible_BxW, 1) | above_BxW
     if cfg.alg_temp:
       gumbel_BxL = jax.random.gumbel(jax.random.fold_in(step_rng, 2), (b, cfg.gen_length))
       score_BxW = score_BxW / cfg.alg_temp + _window(gumbel_BxL, w0, width)
@@ -535,7 +556,10 @@ def _choose(logits_BxWxV, drawn_BxWxV, sampled_BxW, eligible_BxW, s, step_rng, w
     k_Bx1 = jnp.floor(masks_Bx1.astype(jnp.float32) * ratio).astype(jnp.int32)
   else:
     k_Bx1 = jnp.asarray(commit_schedule(cfg))[s]
-  return top_k_mask(score_BxW, eligible_BxW, k_Bx1)
+  chosen_BxW = top_k_mask(score_BxW, eligible_BxW, k_Bx1)
+  if cfg.threshold:  # threshold_floor "schedule": the schedule's count, and every confident one
+    chosen_BxW = chosen_BxW | above_BxW
+  return chosen_BxW
 
 
 def _active(carry: Carry, block, cfg: SamplerConfig, mask_id: int) -> jax.Array:

@@ -69,7 +69,8 @@ def test_sample_bench_on_a_trained_checkpoint_with_question_prompts(tmp_path):
   reference = str(tmp_path / "reference")
   pipeline.reference_stage(config, reference)
   prompts = tmp_path / "questions.jsonl"
-  prompts.write_text("".join(json.dumps({"question": f"{i}+{i}="}) + "\n" for i in range(10)))
+  rows = [{"question": f"{i}+{i}=", "answer": f"#### {2 * i}"} for i in range(10)]
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
   scfg = sampler.SamplerConfig(
     gen_length=8, steps=8, block_length=8, cache="dual", stop_at_eos=True
   )
@@ -78,3 +79,7 @@ def test_sample_bench_on_a_trained_checkpoint_with_question_prompts(tmp_path):
     out["checkpoint"] == reference and out["params"] == config_lib.model_config(config).num_params()
   )
   assert 0.0 <= out["answer_agreement"] <= 1.0 and out["speedup_vs_exact"] > 0
+  assert 0.0 <= out["greedy_accuracy"] <= 1.0 and 0.0 <= out["exact_greedy_accuracy"] <= 1.0
+  prompts.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in rows))
+  out = bench.bench_sample("tiny", 8, 16, scfg, "float32", 1, reference, str(prompts))
+  assert "answer_agreement" in out and "greedy_accuracy" not in out  # no gold answers to score

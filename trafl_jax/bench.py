@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from trafl_jax import cli, lora, objectives, posttrain, rl, sample, sampler, sharding
+from trafl_jax import cli, jsonl, lora, objectives, posttrain, rl, sample, sampler, sharding
 from trafl_jax import model as model_lib
 from trafl_jax import state as state_lib
 from trafl_jax import tasks as tasks_lib
@@ -188,7 +188,8 @@ def bench_sample(
   weights and prompts: `speedup_vs_exact`, and `agreement` (the fraction of tokens equal to the exact
   sampler's). Random weights and prompts, or a trained `checkpoint` with the first `batch` questions
   of a GSM8K-format file (`prompts_path`), left-padded to `prompt_len`; then `answer_agreement` (the
-  fraction of rows whose text up to the first EOS equals the exact sampler's)."""
+  fraction of rows whose text up to the first EOS equals the exact sampler's) and, for a GSM8K JSONL,
+  each sampler's greedy accuracy on those questions."""
   layout = _layout()
   mesh, rules = layout.make_mesh(), layout.rules
   generator = None
@@ -242,6 +243,10 @@ def bench_sample(
       exact_texts = [generator.decode(c) for c in sharding.to_host(exact.completion_BxL)]
       result["answer_agreement"] = float(np.mean([a == b for a, b in zip(texts, exact_texts)]))
       result["checkpoint"] = checkpoint
+      if _has_answers(prompts_path):  # GSM8K's gold answers: each sampler's greedy accuracy
+        problems = tasks_lib.load("gsm8k", path=prompts_path)[:batch]
+        for key, done in (("greedy_accuracy", texts), ("exact_greedy_accuracy", exact_texts)):
+          result[key] = float(np.mean(tasks_lib.rewards(problems, done)))
     result |= {
       "exact_call_s": exact_s,
       "exact_tokens_per_s": batch * scfg.gen_length / exact_s,
@@ -249,6 +254,14 @@ def bench_sample(
       "agreement": float(np.mean(same)),
     }
   return result
+
+
+def _has_answers(path: str) -> bool:
+  """A JSONL of GSM8K records (question and `#### N` answer), not prompts alone."""
+  if not path.endswith(".jsonl"):
+    return False
+  _, first = next(iter(jsonl.read(path)), (None, {}))
+  return "question" in first and "answer" in first
 
 
 def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int) -> float:

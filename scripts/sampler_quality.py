@@ -58,8 +58,13 @@ _OUT = flags.DEFINE_string("out", "", "Where to write the JSON (default: print o
 def parse_mode(spec: str) -> tuple[str, dict]:
   """`dual_t0.9=cache:dual+threshold:0.9` -> ("dual_t0.9", {"cache": "dual", "threshold": 0.9})."""
   name, _, body = spec.partition("=")
-  kinds = {"cache": str, "refresh_every": int, "threshold": float, "micro_batch": int}
-  kinds["threshold_floor"] = str
+  kinds = {
+    "cache": str,
+    "refresh_every": int,
+    "threshold": float,
+    "threshold_floor": str,
+    "micro_batch": int,
+  }
   modes = {}
   for item in [i for i in body.split("+") if i]:
     key, _, value = item.partition(":")

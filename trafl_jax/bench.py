@@ -258,10 +258,8 @@ def bench_sample(
 
 def _has_answers(path: str) -> bool:
   """A JSONL of GSM8K records (question and `#### N` answer), not prompts alone."""
-  if not path.endswith(".jsonl"):
-    return False
-  _, first = next(iter(jsonl.read(path)), (None, {}))
-  return "question" in first and "answer" in first
+  records = jsonl.read(path) if path.endswith(".jsonl") else []
+  return bool(records) and {"question", "answer"} <= records[0][1].keys()
 
 
 def rl_step_flops(cfg, ocfg, prompts: int, group: int, seq_len: int, inner: int) -> float:

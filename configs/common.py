@@ -82,6 +82,9 @@ def base_config(preset: str = "mini") -> ml_collections.ConfigDict:
   c.data.countdown_max_number = 20
   c.data.prompt_len = 24
   c.data.answer_len = 16
+  # Completion canvases drawn per training step, e.g. (16, 24, 32) with answer_len 32 (empty: answer_len
+  # only). Each record must fit the smallest; the rest of a row is EOS fill, masked and scored.
+  c.data.answer_lens = ()
   c.data.batch_size = 64  # global, over all processes
   c.data.shuffle = True
   c.data.too_long = "error"  # a record over prompt_len + answer_len: "error" (naming it) or "drop"

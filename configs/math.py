@@ -14,6 +14,8 @@ clip 0.5, KL 0.04, temperature 0.9, the token mean per prompt group; combine wit
   python -m trafl_jax.main --config=configs/math.py:gsm8k,d1 --workdir=runs/gsm8k_d1 \
     --config.rl.objective=diffu_grpo --config.rl.reference=/ckpt/llada8b \
     --config.rl.train_path=/data/gsm8k/train.jsonl
+A reference trained on completion canvases of 16, 24 and 32 positions (so length 32 can be evaluated):
+  python -m trafl_jax.main --config=configs/math.py:varied_len --workdir=runs/math_varied_len
 Test-sized (seconds):
   python -m trafl_jax.main --config=configs/math.py:tiny --workdir=/tmp/tiny
 Evaluation of any checkpoints on this config's grid:
@@ -49,6 +51,7 @@ Masked-diffusion SFT of the small preset on a GSM8K-format JSONL (reference maki
 from configs import common
 
 VARIANTS = ("tiny", "small", "gsm8k", "gsm8k_lora", "gsm8k_sft", "bf16", "fsdp", "constant", "d1")
+VARIANTS += ("varied_len",)
 VARIANTS += ("dream_gsm8k", "dream_gsm8k_lora")
 
 
@@ -141,6 +144,12 @@ def get_config(arg: str | None = None):
     c.mesh.fsdp = -1
   if "constant" in variants:
     c.optim.schedule = "constant"
+  if "varied_len" in variants:
+    # A reference that has seen completion canvases of 16, 24 and 32 positions (EOS fill after the
+    # answer), so that evaluation at twice the post-training length measures the policy, not a canvas
+    # the reference never saw (docs/results.md: trained on 16 alone it solves ~4% at length 32).
+    c.data.answer_lens = (16, 24, 32)
+    c.data.answer_len = 32
   if "d1" in variants:  # after the task is set: d1's inner updates depend on it
     common.d1_baselines(c)
   c.lock()

@@ -308,6 +308,31 @@ def test_encode_sft_errors_on_overlong():
     data.encode_sft([{"prompt": "a", "answer": "bcd"}], tok, 4, 3)
 
 
+def test_extend_and_crop_canvas_equal_encoding_at_that_length():
+  tok = _CharTokenizer()
+  records = [{"prompt": "ab", "answer": "c"}, {"prompt": "abcd", "answer": "dd"}]
+  short = data.encode_sft(records, tok, prompt_len=4, answer_len=3)
+  extended = data.extend_canvas(short, 4, tok.eos_id)
+  for answer_len in (3, 5, 7):
+    want = data.encode_sft(records, tok, prompt_len=4, answer_len=answer_len)
+    got = data.crop_canvas(extended, 4 + answer_len)
+    for key in ("tokens", "valid", "completion"):
+      np.testing.assert_array_equal(got[key], want[key])
+      assert got[key].dtype == want[key].dtype
+  with pytest.raises(ValueError, match="extra >= 0"):
+    data.extend_canvas(short, -1, tok.eos_id)
+
+
+def test_canvas_length_is_a_pure_uniform_draw():
+  lengths = (16, 24, 32)
+  draws = [data.canvas_length(lengths, seed=0, step=s) for s in range(3000)]
+  assert draws == [data.canvas_length(lengths, seed=0, step=s) for s in range(3000)]
+  counts = np.array([draws.count(n) for n in lengths])
+  assert counts.sum() == 3000 and np.all(np.abs(counts - 1000) < 100)  # ~6 sigma
+  assert draws != [data.canvas_length(lengths, seed=1, step=s) for s in range(3000)]
+  assert {data.canvas_length((16,), seed=3, step=s) for s in range(20)} == {16}
+
+
 def test_encode_sft_drops_overlong_when_asked():
   tok = _CharTokenizer()
   records = [{"prompt": "a", "answer": "b"}, {"prompt": "abcde", "answer": "b"}]

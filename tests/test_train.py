@@ -1,5 +1,6 @@
 """Training loop: loss weighting, exact resume on a (4, 2) mesh, preemption, params-only starts."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
-from trafl_jax import convert, diffusion, metrics, pipeline
+from trafl_jax import config_lib, convert, data, diffusion, metrics, pipeline, train
 
 from .conftest import ROOT
 
@@ -89,6 +90,40 @@ def test_exact_resume_on_4x2_mesh(tmp_path):
   assert sa == sb == 20
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_varied_canvases_train_resume_exactly_and_follow_the_draw(tmp_path):
+  """data.answer_lens: each step's canvas is the pure draw for its step, on a resumed run too."""
+  config = tiny_config(
+    **{
+      "train.ckpt_every": 3,
+      "train.num_steps": 8,
+      "data.answer_lens": (16, 24),
+      "data.answer_len": 24,
+    }
+  )
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  pipeline.reference_stage(config, straight)
+  pipeline.reference_stage(config, resumed, max_steps=4)
+  pipeline.reference_stage(config, resumed)
+  a, b = metrics.read_metrics(straight), metrics.read_metrics(resumed)
+  want = [float(data.canvas_length((16, 24), config.seed, s)) for s in range(8)]
+  assert [r["train/canvas_length"] for r in a] == [r["train/canvas_length"] for r in b] == want
+  assert set(want) == {16.0, 24.0}
+  assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+  for x, y in zip(
+    jax.tree.leaves(_params_of(straight)[0]), jax.tree.leaves(_params_of(resumed)[0])
+  ):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_canvas_lengths_name_a_bad_setting():
+  cfg = config_lib.train_config(tiny_config())
+  assert train.canvas_lengths(cfg.data) == (16,)
+  data_cfg = dataclasses.replace(cfg.data, answer_lens=(32, 16, 24, 24), answer_len=32)
+  assert train.canvas_lengths(data_cfg) == (16, 24, 32)
+  with pytest.raises(ValueError, match=r"answer_lens \(16, 24\).*answer_len=32"):
+    train.canvas_lengths(dataclasses.replace(cfg.data, answer_lens=(16, 24), answer_len=32))
 
 
 def test_init_checkpoint_loads_params_only(tmp_path):

@@ -326,6 +326,32 @@ def encode_sft(
   return {"tokens": tokens_NxT, "valid": valid_NxT, "completion": completion_NxT}
 
 
+def extend_canvas(arrays: dict[str, np.ndarray], extra: int, eos_id: int) -> dict[str, np.ndarray]:
+  """`encode_sft`'s rows with `extra` more completion positions of EOS fill: the rows it would have
+  encoded at an answer length `extra` longer (every answer already ends in EOS fill)."""
+  if extra < 0:
+    raise ValueError(f"extend_canvas needs extra >= 0, got {extra}")
+  num_rows = len(arrays["tokens"])
+  fill = {"tokens": eos_id, "valid": True, "completion": True}
+  return {
+    k: np.concatenate([v, np.full((num_rows, extra), fill[k], dtype=v.dtype)], axis=1)
+    for k, v in arrays.items()
+  }
+
+
+def crop_canvas(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """The batch with its rows cut to their first `seq_len` positions (prompt, then a shorter EOS-filled
+  completion canvas)."""
+  return {k: v[:, :seq_len] for k, v in batch.items()}
+
+
+def canvas_length(lengths: Sequence[int], seed: int, step: int) -> int:
+  """The completion canvas of training step `step`: one of `lengths`, uniformly, as a pure function of
+  (seed, step), so every process draws the same and a resumed run draws what it would have."""
+  rng = np.random.default_rng([seed, step, 0x43414E])
+  return int(lengths[rng.integers(len(lengths))])
+
+
 # ----------------------------------------------------------------------------------------------
 # Grain pipeline.
 

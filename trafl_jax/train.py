@@ -36,6 +36,9 @@ class DataConfig:
   countdown_max_number: int
   prompt_len: int
   answer_len: int
+  # Completion canvases drawn per training step (empty: answer_len only). Records must fit the smallest;
+  # answer_len is the largest. A reference trained on several lengths can be sampled at any of them.
+  answer_lens: tuple[int, ...]
   batch_size: int  # global, over all processes
   shuffle: bool
   too_long: str  # "error" | "drop" (records longer than prompt_len + answer_len)
@@ -173,6 +176,19 @@ def compile_train_step(model, schedule, t_min, state, state_shardings, batch_sha
 # The run
 
 
+def canvas_lengths(data: DataConfig) -> tuple[int, ...]:
+  """The completion canvases training draws from: `data.answer_lens`, or `(data.answer_len,)`."""
+  if not data.answer_lens:
+    return (data.answer_len,)
+  lengths = tuple(sorted(set(data.answer_lens)))
+  if lengths[0] < 1 or lengths[-1] != data.answer_len:
+    raise ValueError(
+      f"data.answer_lens {tuple(data.answer_lens)} must be positive with its largest equal to "
+      f"data.answer_len={data.answer_len} (the canvas the model's state is built for)"
+    )
+  return lengths
+
+
 def _check_batch(batch_size: int, mesh) -> None:
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % jax.process_count():
@@ -213,9 +229,11 @@ def run(
   model = model_lib.Transformer(model_cfg)
   records = training_records(cfg.data, cfg.seed, workdir)
   tokenizer = build_tokenizer(cfg, model_cfg, workdir, records)
+  lengths = canvas_lengths(cfg.data)
   arrays = data_lib.encode_sft(
-    records, tokenizer, cfg.data.prompt_len, cfg.data.answer_len, cfg.data.too_long
+    records, tokenizer, cfg.data.prompt_len, min(lengths), cfg.data.too_long
   )
+  arrays = data_lib.extend_canvas(arrays, max(lengths) - min(lengths), tokenizer.eos_id)
   iterator = data_lib.make_train_iterator(
     arrays,
     cfg.data.batch_size // jax.process_count(),
@@ -241,22 +259,34 @@ def run(
     params = ckpt_lib.restore_params(cfg.init_checkpoint, sharding.abstract(state.params))
     state = state.replace(params=params)
 
-  batch_shapes = {k: ((cfg.data.batch_size,) + v.shape[1:], v.dtype) for k, v in arrays.items()}
-  compiled = compile_train_step(
-    model, schedule, cfg.t_min, state, state_shardings, batch_shapes, mesh, rules
-  )
-  tokens_per_step = cfg.data.batch_size * seq_len
+  compiled = {}  # one train step per canvas length, compiled on first use
+
+  def compiled_for(length, state):
+    if length not in compiled:
+      shapes = {
+        k: ((cfg.data.batch_size, cfg.data.prompt_len + length), v.dtype) for k, v in arrays.items()
+      }
+      compiled[length] = compile_train_step(
+        model, schedule, cfg.t_min, state, state_shardings, shapes, mesh, rules
+      )
+    return compiled[length]
+
   tick = time.perf_counter()
 
   def step_fn(state, step):
-    del step
-    return compiled(state, sharding.global_batch(next(iterator), mesh, rules))
+    length = data_lib.canvas_length(lengths, cfg.seed, step)
+    batch = data_lib.crop_canvas(next(iterator), cfg.data.prompt_len + length)
+    return compiled_for(length, state)(state, sharding.global_batch(batch, mesh, rules))
 
-  def read(step, device_metrics):
+  def read(step, device_metrics):  # `step` counts steps done: step_fn's was step - 1
     nonlocal tick
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.perf_counter()
-    host["perf/tokens_per_s"] = tokens_per_step / max(now - tick, 1e-9)
+    length = data_lib.canvas_length(lengths, cfg.seed, step - 1)
+    tokens = cfg.data.batch_size * (cfg.data.prompt_len + length)
+    host["perf/tokens_per_s"] = tokens / max(now - tick, 1e-9)
+    if len(lengths) > 1:
+      host["train/canvas_length"] = float(length)
     tick = now
     return host
 

@@ -18,6 +18,9 @@ head's bias; `nan` where a run did not log one).
 Stages:
   screen  seed 0; the probe of post-training prompts only ("train" split), length 16, 16 samples.
   seeds   --seeds; the held-out test and the probe, length 16, --eval_samples samples (pass@k to 64).
+
+--eval_lengths=16,32 with --variant=varied_len (and no --reference: one is trained on canvases of 16, 24 and
+32 into <workdir>/reference) evaluates every run at twice its post-training length too.
 """
 
 from __future__ import annotations
@@ -197,7 +200,16 @@ _REFERENCE = flags.DEFINE_string(
 )
 _SAMPLES = flags.DEFINE_integer("eval_samples", 16, "Samples per problem (pass@k up to this k).")
 _LIMIT = flags.DEFINE_integer("eval_limit", 200, "Problems per evaluation split.")
-_VARIANT = flags.DEFINE_string("variant", "", "configs/math.py variant (tiny: a smoke test).")
+_VARIANT = flags.DEFINE_string(
+  "variant",
+  "",
+  "configs/math.py variant (tiny: a smoke test; varied_len: a reference for lengths 16-32).",
+)
+_LENGTHS = flags.DEFINE_list(
+  "eval_lengths",
+  ["16"],
+  "Generation lengths evaluated (32 means something with --variant=varied_len).",
+)
 _RESULTS_JSON = flags.DEFINE_string(
   "results_json",
   "",
@@ -206,7 +218,15 @@ _RESULTS_JSON = flags.DEFINE_string(
 )
 
 
-def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, variant: str = ""):
+def setting_config(
+  name: str,
+  seed: int,
+  stage: str,
+  samples: int,
+  limit: int,
+  variant: str = "",
+  lengths: tuple[int, ...] = (16,),
+):
   """configs/math.py with the setting's overrides and the stage's evaluation grid."""
   if name not in SETTINGS:
     raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
@@ -216,7 +236,7 @@ def setting_config(name: str, seed: int, stage: str, samples: int, limit: int, v
   with config.unlocked():
     config.seed = seed
     config.train.progress = False
-    config.eval.gen_lengths = (16,)
+    config.eval.gen_lengths = tuple(lengths)
     config.eval.num_samples = samples
     config.eval.limit = limit
     config.eval.splits = ("train",) if stage == "screen" else ("test", "train")
@@ -318,7 +338,8 @@ def main(argv):
     seeds = seeds[:1]
 
   def config_of(name, seed):
-    return setting_config(name, seed, stage, _SAMPLES.value, _LIMIT.value, _VARIANT.value)
+    lengths = tuple(int(n) for n in _LENGTHS.value)
+    return setting_config(name, seed, stage, _SAMPLES.value, _LIMIT.value, _VARIANT.value, lengths)
 
   reference = os.path.abspath(_REFERENCE.value) if _REFERENCE.value else ""
   if not reference:

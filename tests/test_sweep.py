@@ -35,6 +35,9 @@ def test_every_setting_builds_a_checked_config():
   assert sweep.setting_config("diffu_grpo", 0, "seeds", 4, 8).rl.num_inner_updates == 1
   seeds = sweep.setting_config("base", seed=0, stage="seeds", samples=64, limit=8)
   assert seeds.eval.splits == ("test", "train") and seeds.eval.num_samples == 64
+  assert seeds.eval.gen_lengths == (16,)
+  varied = sweep.setting_config("base", 0, "seeds", 64, 8, variant="varied_len", lengths=(16, 32))
+  assert varied.eval.gen_lengths == (16, 32) and varied.data.answer_lens == (16, 24, 32)
   with pytest.raises(ValueError, match="unknown setting"):
     sweep.setting_config("nope", 0, "screen", 4, 8)
 

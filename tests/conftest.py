@@ -4,9 +4,33 @@ import os
 import pathlib
 import sys
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import pytest
+
+# XLA's CPU compiler at its cheapest: the test models are tiny, so compiling, not running, is the suite's
+# time, and LLVM's optimizations and the fusion emitters are most of compiling (a micro-batch test: 59 s
+# -> 21 s). The numerics are XLA's either way (no fast math). Subprocesses get them too (`subprocess_env`).
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The user's own flags, less those set here (xdist's workers inherit the controller's environment).
+_USER_FLAGS = [
+  f
+  for f in os.environ.get("XLA_FLAGS", "").split()
+  if f not in COMPILE_FLAGS.split() and not f.startswith("--xla_force_host_platform_device_count")
+]
+_BASE_FLAGS = " ".join([*_USER_FLAGS, COMPILE_FLAGS])
+
+
+def subprocess_env(devices: int | None = 8, **extra) -> dict:
+  """The environment of a CLI the tests start: CPU, the compile flags, `devices` fake devices (None:
+  a launcher adds them), `extra` variables."""
+  flags = (
+    _BASE_FLAGS
+    if devices is None
+    else f"{_BASE_FLAGS} --xla_force_host_platform_device_count={devices}"
+  )
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+
+
+os.environ["XLA_FLAGS"] = f"{_BASE_FLAGS} --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,6 +41,21 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 FAMILIES = ("llada", "dream")
+
+
+@pytest.fixture(scope="module")
+def parity_rewards():
+  """Countdown's reward replaced by the parity of the completion's length in characters: a 0/1 reward
+  that varies within almost every rollout group, whatever the tiny reference learned. Its 20 steps solve
+  almost no problem, so whether a first batch held a correct answer (and TraFL's or GRPO's first step had
+  a gradient at all) was the luck of the CPU's arithmetic; tests of the loop's mechanics use this."""
+  from trafl_jax.tasks import countdown
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(
+      countdown, "reward", lambda completion, numbers, target: len(completion) % 2 * 1.0
+    )
+    yield
 
 
 def family_config(family: str, **overrides):

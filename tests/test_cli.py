@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, subprocess_env
 
 # absl's console format: "I1204 18:42:30.491866 140340226907008 checkpoint.py:202] message".
 _LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^:\s]+):\d+\]", re.MULTILINE)
@@ -32,7 +32,7 @@ _ORBAX_NOISE = (
 
 
 def _run(*args, timeout=600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env(devices=1)
   result = subprocess.run(
     [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
   )

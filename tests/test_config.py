@@ -11,7 +11,7 @@ import pytest
 
 from trafl_jax import config_lib, pipeline, sharding
 
-from .conftest import ROOT
+from .conftest import ROOT, subprocess_env
 
 CONFIG_FILES = sorted(
   os.path.basename(p)[:-3]
@@ -45,7 +45,7 @@ def test_every_config_and_variant_loads(name, variant):
 
 
 def _run_main(*args, timeout=120):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   return subprocess.run(
     [sys.executable, "-m", "trafl_jax.main", *args],
     cwd=ROOT,

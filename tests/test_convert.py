@@ -17,6 +17,8 @@ from safetensors import numpy as st_numpy
 from trafl_jax import checkpoint, convert, hf_format
 from trafl_jax import model as model_lib
 
+from .conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, L, N, K, F, V, EPS, THETA = 32, 2, 4, 2, 48, 64, 1e-6, 500000.0
 HD = D // N
@@ -269,7 +271,7 @@ def test_missing_shard_and_absent_tensor_are_named(tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env(devices=1)
   cmd = [sys.executable, "-m", "trafl_jax.convert", *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 

@@ -4,7 +4,6 @@ tiny random checkpoint saved by Dream's `save_pretrained`, its logits on a left-
 greedy `diffusion_generate` outputs with the step that committed each position."""
 
 import functools
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import pytest
 
 from trafl_jax import hf_format, sampler
 from trafl_jax import model as model_lib
+
+from .conftest import subprocess_env
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "dream"
 
@@ -90,7 +91,7 @@ def test_the_sample_command_on_dreams_directory_gives_dreams_tokens(golden):
   settings as flags: each prompt's tokens before EOS are Dream's (our prompts padded wider)."""
   case = "entropy_16_1_0"
   ids = [row[valid] for row, valid in zip(golden["prompt"], golden["prompt_valid"])]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   flags = ["--gen_length=16", "--steps=16", "--block_length=16", "--schedule=dream"]
   flags += ["--remasking=entropy", "--batch_size=3"]
   flags += [f"--prompt_ids={','.join(map(str, row))}" for row in ids]

@@ -37,6 +37,10 @@ from trafl_jax import state as state_lib
 LORA = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "ff_out"))
 
 
+# The loop's mechanics need rewards that vary within a group (conftest.parity_rewards).
+pytestmark = pytest.mark.usefixtures("parity_rewards")
+
+
 def _config(seed=0, lora_settings=LORA, **rl):
   config = math_config.get_config("tiny")
   with config.unlocked():

@@ -13,7 +13,7 @@ import pytest
 from configs import math as math_config
 from trafl_jax import distributed, pipeline
 
-from .conftest import ROOT
+from .conftest import ROOT, subprocess_env
 
 LAUNCHER = str(ROOT / "launch" / "local_multiprocess.sh")
 STEPS = 10
@@ -39,7 +39,7 @@ def _flags(reference: str, workdir: str, **rl) -> list[str]:
 
 
 def _launch(processes: int, devices: int, flags: list[str], log_dir) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets the devices
+  env = subprocess_env(devices=None)  # the launcher sets the devices
   env["LOG_DIR"] = str(log_dir)
   return subprocess.Popen(
     [LAUNCHER, str(processes), str(devices), "--", *flags],

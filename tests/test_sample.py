@@ -16,7 +16,7 @@ from configs import math as math_config
 from trafl_jax import convert, pipeline, sample, sampler
 from trafl_jax import model as model_lib
 
-from .conftest import ROOT, small_model_config
+from .conftest import ROOT, small_model_config, subprocess_env
 
 PROMPTS = [
   "Numbers: 3 7 12. Target: 33.\n",
@@ -132,7 +132,7 @@ def test_read_prompts(tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   return subprocess.run(
     [sys.executable, "-m", "trafl_jax.sample", *args],
     cwd=ROOT,

@@ -16,7 +16,7 @@ from configs import math as math_config
 from trafl_jax import checkpoint as ckpt_lib
 from trafl_jax import config_lib, convert, data, diffusion, metrics, pipeline, train
 
-from .conftest import ROOT
+from .conftest import ROOT, subprocess_env
 
 
 def tiny_config(**overrides):
@@ -143,7 +143,7 @@ def test_nan_stops_with_the_step_named(tmp_path):
 
 
 def _main(args, **kw):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   return subprocess.Popen(
     [sys.executable, "-m", "trafl_jax.main", *args],
     cwd=ROOT,

@@ -4,7 +4,7 @@ The main job: (1) a reference model by masked-diffusion training on generated Co
 when --config.rl.reference names one), (2) post-training with --config.rl.objective (trafl by default; or
 diffu_grpo, elbo_grpo, wd1), (3) evaluation of reference vs post-trained model (eval.md, passk.png).
 
-CPU (the README's main command; ~19 minutes on 2 cores):
+CPU (the README's main command; ~19 minutes on 2 quiet cores of the faster machine, ~47 on the slower):
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math
 A baseline on the same reference:
   python -m trafl_jax.main --config=configs/math.py --workdir=runs/math --config.rl.objective=diffu_grpo
@@ -65,7 +65,6 @@ def get_config(arg: str | None = None):
   c.data.countdown_max_number = 10
   c.train.t_min = 0.1
   c.train.num_steps = 2000
-  # The Countdown answers are short: evaluate at the trained length and twice it, one token per step.
   # The reference trains on completion canvases of 16, 24 and 32 positions (EOS fill after the answer),
   # so length 32 measures the policy, not a canvas the reference never saw (trained on 16 alone it
   # solves ~0.1% at 32; docs/results.md: the same post-training differences at 16 with either, 3 seeds;
@@ -73,6 +72,7 @@ def get_config(arg: str | None = None):
   # --config.data.answer_lens='()' --config.data.answer_len=16.
   c.data.answer_lens = (16, 24, 32)
   c.data.answer_len = 32
+  # The Countdown answers are short: evaluate at the trained length and twice it, one token per step.
   c.eval.gen_lengths = (16, 32)
   c.eval.block_length = 16
   c.eval.steps_per_token = 1.0

@@ -19,15 +19,15 @@ _USER_FLAGS = [
 _BASE_FLAGS = " ".join([*_USER_FLAGS, COMPILE_FLAGS])
 
 
-def subprocess_env(devices: int | None = 8, **extra) -> dict:
+def subprocess_env(devices: int | None = 8) -> dict:
   """The environment of a CLI the tests start: CPU, the compile flags, `devices` fake devices (None:
-  a launcher adds them), `extra` variables."""
+  a launcher adds them)."""
   flags = (
     _BASE_FLAGS
     if devices is None
     else f"{_BASE_FLAGS} --xla_force_host_platform_device_count={devices}"
   )
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
 
 os.environ["XLA_FLAGS"] = f"{_BASE_FLAGS} --xla_force_host_platform_device_count=8"
@@ -53,7 +53,7 @@ def parity_rewards():
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(
-      countdown, "reward", lambda completion, numbers, target: len(completion) % 2 * 1.0
+      countdown, "reward", lambda completion, numbers, target: float(len(completion) % 2)
     )
     yield
 
